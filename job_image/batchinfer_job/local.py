@@ -1,0 +1,88 @@
+"""Run a BatchInference YAML on this machine, on an embedded Ray bound to 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from batchinfer_job import storage
+from batchinfer_job.spec import BatchInferenceSpec
+
+if TYPE_CHECKING:
+    from batchinfer_job.pipeline import ProgressReport, RunResult
+
+# Keep every Ray server on loopback and quiet about auth tokens; must be set before `import ray`.
+LOCAL_RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def localize(spec: BatchInferenceSpec, base: Path | None = None) -> BatchInferenceSpec:
+    """Make relative local paths in the spec absolute (relative to `base`, default the working directory)."""
+    model = spec.model
+    if model.weightsUri:
+        model = model.model_copy(update={"weightsUri": storage.absolute_uri(model.weightsUri, base)})
+    return spec.model_copy(
+        update={
+            "model": model,
+            "input": spec.input.model_copy(update={"uri": storage.absolute_uri(spec.input.uri, base)}),
+            "output": spec.output.model_copy(update={"uri": storage.absolute_uri(spec.output.uri, base)}),
+        }
+    )
+
+
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """Start (or reuse) an embedded Ray that listens on 127.0.0.1 only."""
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        configure_logging=True,
+        logging_level="WARNING",
+        log_to_driver=True,
+    )
+
+
+def console_progress(report: ProgressReport) -> None:
+    eta = f"{report.eta_seconds:.0f}s" if report.eta_seconds is not None else "?"
+    print(
+        f"progress processed={report.processed}/{report.total} failed={report.failed} "
+        f"rows_per_s={report.rows_per_second:.1f} eta={eta}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def run_local(
+    spec: BatchInferenceSpec, on_progress: Callable[[ProgressReport], None] | None = console_progress
+) -> RunResult:
+    start_local_ray()
+    from batchinfer_job.pipeline import run_pipeline
+
+    return run_pipeline(localize(spec), on_progress=on_progress)
+
+
+def summary_lines(result: RunResult, top: int = 8) -> list[str]:
+    """The short human summary `batchinfer run` prints."""
+    lines = [
+        f"rows:        {result.total}",
+        f"succeeded:   {result.succeeded}",
+        f"errors:      {result.failed}",
+        f"wall time:   {result.seconds:.1f} s",
+        f"throughput:  {result.rows_per_second:.1f} rows/s",
+        f"output:      {result.output_uri} (manifest: _SUCCESS.json)",
+        "top labels:",
+    ]
+    lines += [f"  {count:5d}  {label}" for label, count in result.label_counts.most_common(top)]
+    return lines

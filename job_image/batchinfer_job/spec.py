@@ -1,0 +1,391 @@
+"""The `BatchInference` schema: the one source of truth.
+
+The CRD (`batchinfer crd`), `batchinfer validate`, the operator's renderer and the job all read these models.
+Field descriptions become `kubectl explain` text. Pure pydantic: no torch, ray or kopf here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_GROUP = "batchinfer.dev"
+API_VERSION = "v1alpha1"
+KIND = "BatchInference"
+PLURAL = "batchinferences"
+SINGULAR = "batchinference"
+SHORT_NAMES = ["bi"]
+
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "az", "file", "local")
+_URI_SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*)://")
+_PREDICTOR_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class _Model(BaseModel):
+    """Base for spec models: camelCase in YAML, unknown keys rejected (as the CRD prunes/refuses them)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+def check_storage_uri(value: str, field: str) -> str:
+    """Accept `scheme://…` for a supported scheme, or a plain local path; reject anything else."""
+    if not value.strip():
+        raise ValueError(f"{field} must not be empty; give a prefix such as s3://bucket/path or ./data")
+    match = _URI_SCHEME.match(value)
+    if match and match.group(1) not in STORAGE_SCHEMES:
+        raise ValueError(
+            f"{field} has unsupported scheme {match.group(1)!r}; use one of "
+            + ", ".join(f"{s}://" for s in STORAGE_SCHEMES)
+            + " or a local path"
+        )
+    return value
+
+
+class TorchvisionModel(_Model):
+    name: str = Field(
+        description="torchvision model builder name, e.g. resnet152, efficientnet_b0, vit_b_16.",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[a-z][a-z0-9_]*$",
+    )
+    weights: str | None = Field(
+        default="DEFAULT",
+        description=(
+            "Weights enum member of the model (e.g. IMAGENET1K_V2) or DEFAULT. Downloaded from the torchvision "
+            "zoo at start-up; for air-gapped clusters use model.weightsUri instead."
+        ),
+        max_length=64,
+        pattern=r"^[A-Z][A-Z0-9_]*$",
+    )
+
+
+class ModelSpec(_Model):
+    """Exactly one of torchvision, weightsUri, packaged or predictor."""
+
+    torchvision: TorchvisionModel | None = Field(
+        default=None, description="A torchvision zoo model with pretrained weights."
+    )
+    weightsUri: str | None = Field(
+        default=None,
+        description=(
+            "A TorchScript file, or a state_dict for model.architecture, on any supported storage "
+            "(s3://, gs://, abfs://, local path/PVC mount)."
+        ),
+        max_length=2048,
+    )
+    architecture: str | None = Field(
+        default=None,
+        description="torchvision builder name that a state_dict in weightsUri belongs to (omit for TorchScript).",
+        max_length=64,
+        pattern=r"^[a-z][a-z0-9_]*$",
+    )
+    packaged: Literal["efficientnet_lite0"] | None = Field(
+        default=None,
+        description="A model shipped inside a Python package, usable offline: efficientnet_lite0 (ImageNet).",
+    )
+    predictor: str | None = Field(
+        default=None,
+        description=(
+            "Your own predictor class as 'module:Class', importable in the job image. It is constructed once "
+            "per actor and called with a dict of numpy arrays (key, image uint8 NHWC, error) per batch."
+        ),
+        max_length=256,
+    )
+
+    @field_validator("weightsUri")
+    @classmethod
+    def _weights_uri(cls, value: str | None) -> str | None:
+        return None if value is None else check_storage_uri(value, "model.weightsUri")
+
+    @field_validator("predictor")
+    @classmethod
+    def _predictor_ref(cls, value: str | None) -> str | None:
+        if value is not None and not _PREDICTOR_REF.match(value):
+            raise ValueError(f"model.predictor {value!r} must look like 'package.module:ClassName'")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ModelSpec:
+        chosen = [name for name in MODEL_SOURCES if getattr(self, name) is not None]
+        if len(chosen) != 1:
+            raise ValueError(
+                "model needs exactly one of torchvision, weightsUri, packaged, predictor; got "
+                + (", ".join(chosen) if chosen else "none")
+            )
+        if self.architecture is not None and self.weightsUri is None:
+            raise ValueError("model.architecture only goes with model.weightsUri; remove it")
+        return self
+
+    @property
+    def source(self) -> str:
+        return next(name for name in MODEL_SOURCES if getattr(self, name) is not None)
+
+    def describe(self) -> str:
+        """A short human name of the model, for summaries and the manifest."""
+        if self.torchvision:
+            return f"torchvision:{self.torchvision.name}/{self.torchvision.weights or 'random'}"
+        if self.weightsUri:
+            return f"weightsUri:{self.weightsUri}" + (f" ({self.architecture})" if self.architecture else "")
+        if self.packaged:
+            return f"packaged:{self.packaged}"
+        return f"predictor:{self.predictor}"
+
+
+MODEL_SOURCES = ("torchvision", "weightsUri", "packaged", "predictor")
+
+
+class InputSpec(_Model):
+    uri: str = Field(
+        description="Where the inputs are: a prefix or folder (s3://, gs://, abfs://, or a local path/PVC mount).",
+        min_length=1,
+        max_length=2048,
+    )
+    format: Literal["images", "parquet"] = Field(
+        default="images",
+        description="images: every image file under uri; parquet: rows of Parquet files under uri.",
+    )
+    imageColumn: str | None = Field(
+        default=None, description="format=parquet: column holding encoded image bytes.", max_length=128
+    )
+    pathColumn: str | None = Field(
+        default=None, description="format=parquet: column holding image paths/URIs.", max_length=128
+    )
+    keyColumn: str | None = Field(
+        default=None,
+        description="format=parquet: column that identifies a row (default: the path, or file#row).",
+        max_length=128,
+    )
+    limit: int | None = Field(default=None, ge=1, description="Process at most this many inputs (sorted order).")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return check_storage_uri(value, "input.uri")
+
+    @model_validator(mode="after")
+    def _columns(self) -> InputSpec:
+        if self.format == "parquet" and (self.imageColumn is None) == (self.pathColumn is None):
+            raise ValueError("input.format=parquet needs exactly one of input.imageColumn or input.pathColumn")
+        if self.format == "images" and (self.imageColumn or self.pathColumn or self.keyColumn):
+            raise ValueError("input.imageColumn/pathColumn/keyColumn only apply to input.format=parquet")
+        return self
+
+
+class OutputSpec(_Model):
+    uri: str = Field(description="Where predictions go: a prefix or folder.", min_length=1, max_length=2048)
+    format: Literal["parquet"] = Field(default="parquet", description="Output file format.")
+    topK: int = Field(default=5, ge=1, le=100, description="How many top classes to keep per row.")
+    mode: Literal["error_if_exists", "overwrite"] = Field(
+        default="error_if_exists",
+        description="error_if_exists: refuse when output already holds data; overwrite: replace it.",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return check_storage_uri(value, "output.uri")
+
+
+class BatchingSpec(_Model):
+    batchSize: int | None = Field(
+        default=None, ge=1, le=4096, description="Images per model call (default: 64 on GPU, 16 on CPU)."
+    )
+
+
+class ComputeSpec(_Model):
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        default="auto", description="Where the model runs; auto picks cuda when the actor has a GPU."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="Model arithmetic; auto is bf16 on GPUs that support it, else fp32."
+    )
+    minActors: int = Field(default=1, ge=1, le=1024, description="Fewest model actors in the pool.")
+    maxActors: int = Field(default=1, ge=1, le=1024, description="Most model actors in the pool.")
+    gpusPerActor: float = Field(default=0, ge=0, le=8, description="GPUs each model actor takes (0 for CPU).")
+    cpusPerActor: float = Field(default=1, gt=0, le=64, description="CPUs each model actor takes.")
+    preprocessCpus: float = Field(
+        default=1,
+        gt=0,
+        le=64,
+        description="CPUs each read/decode task takes (runs in parallel with the model).",
+    )
+
+    @model_validator(mode="after")
+    def _pool(self) -> ComputeSpec:
+        if self.minActors > self.maxActors:
+            raise ValueError(
+                f"compute.minActors ({self.minActors}) must not exceed compute.maxActors ({self.maxActors})"
+            )
+        if self.device == "cuda" and self.gpusPerActor == 0:
+            raise ValueError("compute.device=cuda needs compute.gpusPerActor > 0")
+        return self
+
+
+class SecretRef(_Model):
+    name: str = Field(description="Secret in the BatchInference's namespace.", min_length=1, max_length=253)
+
+
+class StorageSpec(_Model):
+    secretRef: SecretRef | None = Field(
+        default=None,
+        description=(
+            "Secret whose keys become environment variables of the Ray pods (e.g. AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY). Values are referenced, never copied."
+        ),
+    )
+    endpointUrl: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint (MinIO, Ceph); sets AWS_ENDPOINT_URL.",
+        max_length=2048,
+    )
+    region: str | None = Field(default=None, description="Object storage region; sets AWS_REGION.", max_length=64)
+
+
+class Resources(_Model):
+    cpu: str = Field(default="2", description="CPU request and limit per pod.", pattern=r"^[0-9]+(\.[0-9]+|m)?$")
+    memory: str = Field(
+        default="8Gi",
+        description="Memory request and limit per pod.",
+        pattern=r"^[0-9]+(Ki|Mi|Gi|Ti|k|M|G|T)?$",
+    )
+    gpu: int = Field(default=0, ge=0, le=16, description="nvidia.com/gpu limit per pod.")
+
+
+class WorkersSpec(_Model):
+    replicas: int = Field(default=1, ge=0, le=1000, description="Worker pods at start.")
+    minReplicas: int = Field(default=1, ge=0, le=1000, description="Fewest worker pods (autoscaling).")
+    maxReplicas: int = Field(default=1, ge=0, le=1000, description="Most worker pods (autoscaling).")
+    resources: Resources = Field(default_factory=Resources, description="Resources of each worker pod.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> WorkersSpec:
+        if not self.minReplicas <= self.replicas <= self.maxReplicas:
+            raise ValueError(
+                "cluster.workers needs minReplicas <= replicas <= maxReplicas; got "
+                f"{self.minReplicas} <= {self.replicas} <= {self.maxReplicas}"
+            )
+        return self
+
+
+class ClusterSpec(_Model):
+    image: str | None = Field(
+        default=None, description="Job image for head and workers (default: the operator's).", max_length=512
+    )
+    rayVersion: str | None = Field(
+        default=None, description="Ray version of the image (default: the operator's).", max_length=32
+    )
+    head: Resources = Field(default_factory=lambda: Resources(cpu="2", memory="4Gi"), description="Head pod resources.")
+    workers: WorkersSpec = Field(default_factory=WorkersSpec, description="The worker group.")
+    enableInTreeAutoscaling: bool = Field(default=False, description="Let Ray's autoscaler add/remove workers.")
+    serviceAccountName: str | None = Field(
+        default=None,
+        description="ServiceAccount of the Ray pods (default: one the operator creates).",
+        max_length=253,
+    )
+
+
+class SchedulingSpec(_Model):
+    queueName: str | None = Field(
+        default=None, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label.", max_length=63
+    )
+    priorityClassName: str | None = Field(default=None, description="PriorityClass of the Ray pods.", max_length=253)
+    nodeSelector: dict[str, str] | None = Field(default=None, description="Node selector of the Ray pods.")
+    tolerations: list[dict[str, Any]] | None = Field(default=None, description="Tolerations of the Ray pods.")
+    affinity: dict[str, Any] | None = Field(default=None, description="Affinity of the Ray pods.")
+
+    @field_validator("queueName")
+    @classmethod
+    def _queue(cls, value: str | None) -> str | None:
+        if value is not None and not _DNS_LABEL.match(value):
+            raise ValueError(f"scheduling.queueName {value!r} must be a DNS label (lowercase, digits, '-')")
+        return value
+
+
+class BatchInferenceSpec(_Model):
+    model: ModelSpec = Field(description="Which model predicts.")
+    input: InputSpec = Field(description="What to predict on.")
+    output: OutputSpec = Field(description="Where predictions are written.")
+    batching: BatchingSpec = Field(default_factory=BatchingSpec, description="Batching of model calls.")
+    compute: ComputeSpec = Field(default_factory=ComputeSpec, description="The model actor pool.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="Object storage access.")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="The Ray cluster (Kubernetes only).")
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Pod scheduling.")
+    suspend: bool = Field(default=False, description="Hold the RayJob suspended (Kueue admits it by unsuspending).")
+    activeDeadlineSeconds: int | None = Field(
+        default=None, ge=1, description="Fail the job when it runs longer than this."
+    )
+    backoffLimit: int = Field(default=0, ge=0, le=100, description="Retries of the whole job on a new cluster.")
+    ttlSecondsAfterFinished: int = Field(
+        default=3600, ge=0, description="Seconds the finished RayJob is kept before deletion."
+    )
+
+    @model_validator(mode="after")
+    def _gpu_fits(self) -> BatchInferenceSpec:
+        if self.compute.gpusPerActor > 0 and self.compute.device == "cpu":
+            raise ValueError("compute.device=cpu contradicts compute.gpusPerActor > 0; set gpusPerActor: 0")
+        return self
+
+
+Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+
+
+class Condition(BaseModel):
+    """A Kubernetes-style condition."""
+
+    type: str = Field(description="Ready, Running, Succeeded, Failed or SpecRejected.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", description="CamelCase reason.")
+    message: str = Field(default="", description="Human-readable detail.")
+    lastTransitionTime: str | None = Field(default=None, description="RFC 3339 time of the last change.")
+    observedGeneration: int | None = Field(default=None, description="Generation this condition is about.")
+
+
+class Progress(BaseModel):
+    """Row counts the running job reports (at least every 30 s)."""
+
+    processed: int = Field(default=0, ge=0, description="Rows written (successes and error rows).")
+    failed: int = Field(default=0, ge=0, description="Rows that became error rows.")
+    total: int | None = Field(default=None, ge=0, description="Rows to process, once known.")
+    rowsPerSecond: float | None = Field(default=None, ge=0, description="Recent throughput.")
+    eta: str | None = Field(default=None, description="Estimated time left, e.g. 4m10s.")
+    display: str | None = Field(default=None, description="processed/total (percent), for kubectl get.")
+    updateTime: str | None = Field(default=None, description="When these numbers were taken.")
+
+
+class BatchInferenceStatus(BaseModel):
+    """What the operator and the job report."""
+
+    phase: Phase | None = Field(default=None, description="Pending, Running, Succeeded, Failed or Suspended.")
+    conditions: list[Condition] | None = Field(default=None, description="Kubernetes-style conditions.")
+    rayJobName: str | None = Field(default=None, description="The RayJob this BatchInference runs as.")
+    rayClusterName: str | None = Field(default=None, description="The RayCluster KubeRay created for it.")
+    dashboardURL: str | None = Field(default=None, description="Ray dashboard of the cluster.")
+    startTime: str | None = Field(default=None, description="When the job started running.")
+    completionTime: str | None = Field(default=None, description="When the job finished.")
+    observedGeneration: int | None = Field(default=None, description="Last spec generation acted upon.")
+    reason: str | None = Field(default=None, description="Why it failed (from KubeRay or the job).")
+    message: str | None = Field(default=None, description="Detail of the failure.")
+    outputUri: str | None = Field(default=None, description="Where the predictions are.")
+    progress: Progress | None = Field(default=None, description="Live row counts.")
+
+
+class ObjectMeta(BaseModel):
+    """The subset of metadata batchinfer reads; everything else is kept as is."""
+
+    model_config = ConfigDict(extra="allow")
+    name: Annotated[str, Field(min_length=1, max_length=253)]
+    namespace: str | None = None
+
+
+class BatchInference(BaseModel):
+    """A whole BatchInference document, as `kubectl apply` takes it."""
+
+    model_config = ConfigDict(extra="forbid")
+    apiVersion: Literal["batchinfer.dev/v1alpha1"]
+    kind: Literal["BatchInference"]
+    metadata: ObjectMeta
+    spec: BatchInferenceSpec
+    status: BatchInferenceStatus | None = None

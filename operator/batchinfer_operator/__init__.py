@@ -1,0 +1,1 @@
+"""batchinfer operator: BatchInference → KubeRay RayJob. Knows Kubernetes; never imports torch or ray."""

@@ -1,0 +1,86 @@
+"""`batchinfer`: run, validate, render and generate, from the same YAML users `kubectl apply`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from batchinfer_job.documents import SpecError, load_batchinference, load_documents, parse_document
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+
+
+def _fail(problems: list[str]) -> None:
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
+    raise typer.Exit(code=1)
+
+
+@app.command()
+def validate(files: list[Path] = typer.Argument(..., help="BatchInference YAML files.")) -> None:
+    """Check files against the schema; print every problem with its field path (exit 1 on any)."""
+    problems: list[str] = []
+    for path in files:
+        try:
+            documents = load_documents(path)
+        except SpecError as err:
+            problems += err.problems
+            continue
+        if not documents:
+            problems.append(f"{path}: no YAML documents")
+        for index, document in enumerate(documents):
+            try:
+                parse_document(document)
+            except SpecError as err:
+                where = f"{path}" + (f"[{index}]" if len(documents) > 1 else "")
+                problems += [f"{where}: {p}" for p in err.problems]
+    if problems:
+        _fail(problems)
+    typer.echo(f"ok: {len(files)} file(s) valid")
+
+
+@app.command()
+def run(file: Path = typer.Argument(..., help="A BatchInference YAML file.")) -> None:
+    """Run a BatchInference locally on an embedded Ray (127.0.0.1) and print a summary."""
+    try:
+        document = load_batchinference(file)
+    except SpecError as err:
+        _fail(err.problems)
+    from batchinfer_job.local import run_local, summary_lines
+    from batchinfer_job.summary import output_summary_lines
+
+    result = run_local(document.spec)
+    typer.echo(f"BatchInference {document.metadata.name}: done")
+    for line in summary_lines(result) + output_summary_lines(result.output_uri):
+        typer.echo(line)
+
+
+@app.command()
+def crd(
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
+) -> None:
+    """Print the BatchInference CRD generated from the schema."""
+    from batchinfer_operator.crd import crd_yaml
+
+    text = crd_yaml()
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
+
+
+@app.command("demo-data")
+def demo_data(
+    folder: Path = typer.Argument(..., help="Folder to fill with photos."),
+    per_photo: int = typer.Option(40, help="Variants per source photo."),
+) -> None:
+    """Write the quickstart's input images (real photos, varied, plus one corrupt file)."""
+    from batchinfer_job.demo_data import write_demo_images
+
+    written = write_demo_images(folder, per_photo=per_photo)
+    typer.echo(f"wrote {len(written)} files to {folder}")
+
+
+if __name__ == "__main__":
+    app()
