@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import typer
+
 from batchinfer_job.documents import SpecError, load_batchinference, load_documents, parse_document
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)

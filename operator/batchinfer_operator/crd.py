@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
+
 from batchinfer_job import spec as s
 
 GENERATED_HEADER = (
