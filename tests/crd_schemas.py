@@ -6,6 +6,7 @@ here: the operator tests check the same rules through the operator's own behavio
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,15 @@ def validator(schema: dict[str, Any]) -> jsonschema.Draft4Validator:
     return jsonschema.Draft4Validator(schema)
 
 
+@cache
 def batchinference_validator() -> jsonschema.Draft4Validator:
     return validator(version_schema(crd_manifest(), "v1alpha1"))
 
 
+@cache
 def kuberay_validator(kind: str) -> jsonschema.Draft4Validator:
     """`kind` is rayjobs or rayclusters; validated against the served ray.io/v1 schema."""
-    crd = yaml.safe_load((KUBERAY / f"ray.io_{kind}.yaml").read_text())
+    crd = yaml.load((KUBERAY / f"ray.io_{kind}.yaml").read_text(), Loader=yaml.CSafeLoader)
     return validator(version_schema(crd, "v1"))
 
 

@@ -12,7 +12,8 @@ from batchinfer_job import storage
 from batchinfer_job.spec import BatchInferenceSpec
 
 if TYPE_CHECKING:
-    from batchinfer_job.pipeline import ProgressReport, RunResult
+    from batchinfer_job.pipeline import RunResult
+    from batchinfer_job.progress import ProgressReport
 
 # Keep every Ray server on loopback and quiet about auth tokens; must be set before `import ray`.
 LOCAL_RAY_ENV = {

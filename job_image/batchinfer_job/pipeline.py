@@ -20,29 +20,11 @@ from batchinfer_job import commit, inputs, storage
 from batchinfer_job.decode import decode_batch
 from batchinfer_job.models import preprocess_for
 from batchinfer_job.predictor import PredictorConfig, TorchPredictor
+from batchinfer_job.progress import ProgressReport
 from batchinfer_job.spec import BatchInferenceSpec
 
 SHARD_ROWS = 1024
 SHARD_SECONDS = 20.0
-
-
-@dataclass
-class ProgressReport:
-    """Counts so far; what the console line and the Kubernetes status show."""
-
-    processed: int
-    failed: int
-    total: int
-    seconds: float
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.processed / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def eta_seconds(self) -> float | None:
-        rate = self.rows_per_second
-        return (self.total - self.processed) / rate if rate > 0 else None
 
 
 @dataclass

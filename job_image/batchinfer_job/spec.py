@@ -369,6 +369,9 @@ class BatchInferenceStatus(BaseModel):
     reason: str | None = Field(default=None, description="Why it failed (from KubeRay or the job).")
     message: str | None = Field(default=None, description="Detail of the failure.")
     outputUri: str | None = Field(default=None, description="Where the predictions are.")
+    acceptedSpecHash: str | None = Field(
+        default=None, description="Hash of the spec the job runs with; other values are refused."
+    )
     progress: Progress | None = Field(default=None, description="Live row counts.")
 
 

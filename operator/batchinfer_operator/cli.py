@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
+import yaml
 
 from batchinfer_job.documents import SpecError, load_batchinference, load_documents, parse_document
 
@@ -55,6 +57,39 @@ def run(file: Path = typer.Argument(..., help="A BatchInference YAML file.")) ->
     typer.echo(f"BatchInference {document.metadata.name}: done")
     for line in summary_lines(result) + output_summary_lines(result.output_uri):
         typer.echo(line)
+
+
+@app.command()
+def render(
+    files: list[Path] = typer.Argument(..., help="BatchInference YAML files."),
+    namespace: str = typer.Option("default", help="Namespace when the document names none."),
+) -> None:
+    """Print exactly what the operator would create (multi-document YAML; it adds ownerReferences)."""
+    from batchinfer_operator.render import Owner, render_children
+    from batchinfer_operator.settings import OperatorSettings
+
+    settings = OperatorSettings.from_env()
+    out: list[dict] = []
+    for path in files:
+        try:
+            document = load_batchinference(path)
+        except SpecError as err:
+            _fail(err.problems)
+        owner = Owner(name=document.metadata.name, namespace=document.metadata.namespace or namespace)
+        out += render_children(document.spec, owner, settings)
+    sys.stdout.write(yaml.dump_all(out, Dumper=_BlockDumper, sort_keys=False, width=120))
+
+
+def _block_strings(dumper: Any, value: str) -> Any:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (the job spec in the ConfigMap) as readable literal blocks."""
+
+
+_BlockDumper.add_representer(str, _block_strings)
 
 
 @app.command()

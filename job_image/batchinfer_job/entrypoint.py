@@ -1,0 +1,42 @@
+"""The RayJob entrypoint: `python -m batchinfer_job.entrypoint --spec /etc/batchinfer/spec.json`.
+
+Runs on the Ray head as the driver. Everything comes from the mounted spec file; nothing from the
+command line but its path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from batchinfer_job.documents import SpecError, parse_document
+from batchinfer_job.status_reporter import StatusReporter
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--spec", type=Path, required=True, help="JSON BatchInference document")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        document = parse_document(json.loads(args.spec.read_text()))
+    except SpecError as err:
+        for problem in err.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    import ray
+
+    from batchinfer_job.pipeline import run_pipeline
+
+    ray.init()  # the RayJob's cluster (RAY_ADDRESS is set by KubeRay)
+    reporter = StatusReporter.in_cluster()
+    result = run_pipeline(document.spec, on_progress=reporter)
+    print(json.dumps({"event": "finished", **result.manifest["counts"], "output": result.output_uri}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

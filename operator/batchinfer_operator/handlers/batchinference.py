@@ -1,0 +1,148 @@
+"""BatchInference: create (or adopt) the children, refuse changes to immutable fields, track phases."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from batchinfer_job import spec as s
+from batchinfer_job.documents import SpecError, parse_spec
+from batchinfer_operator import kube, metrics, naming
+from batchinfer_operator.changes import changed_fields, spec_hash
+from batchinfer_operator.render import Owner, render_children
+from batchinfer_operator.settings import OperatorSettings
+from batchinfer_operator.status import is_terminal
+
+GVR = (s.API_GROUP, s.API_VERSION, s.PLURAL)
+SETTINGS = OperatorSettings.from_env()
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def condition(kind: str, status: bool, reason: str, message: str, generation: int | None) -> dict[str, Any]:
+    return {
+        "type": kind,
+        "status": "True" if status else "False",
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now(),
+        "observedGeneration": generation,
+    }
+
+
+def merge_condition(existing: list[dict[str, Any]] | None, new: dict[str, Any]) -> list[dict[str, Any]]:
+    """Replace the condition of the same type; keep its transition time if its status did not change."""
+    out, replaced = [], False
+    for cond in existing or []:
+        if cond.get("type") == new["type"]:
+            replaced = True
+            if cond.get("status") == new["status"]:
+                new = {**new, "lastTransitionTime": cond.get("lastTransitionTime", new["lastTransitionTime"])}
+            out.append(new)
+        else:
+            out.append(cond)
+    return out if replaced else [*out, new]
+
+
+def fail_invalid_spec(body: kopf.Body, status: dict[str, Any], patch: kopf.Patch, problems: list[str]) -> None:
+    message = "; ".join(problems)
+    generation = body.metadata.get("generation")
+    patch.status["phase"] = "Failed"
+    patch.status["reason"] = "SpecInvalid"
+    patch.status["message"] = message
+    patch.status["observedGeneration"] = generation
+    patch.status["conditions"] = merge_condition(
+        status.get("conditions"), condition("Failed", True, "SpecInvalid", message, generation)
+    )
+    kopf.warn(body, reason="SpecInvalid", message=message)
+    raise kopf.PermanentError(f"invalid spec: {message}")
+
+
+@kopf.on.resume(*GVR, retries=10, backoff=5)
+@kopf.on.create(*GVR, retries=10, backoff=5)
+def create_children(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    name: str,
+    namespace: str,
+    uid: str,
+    patch: kopf.Patch,
+    **_: Any,
+) -> None:
+    """Create the ConfigMap, RBAC and RayJob; on resume/409 adopt what exists. Terminal runs are left alone."""
+    metrics.RECONCILES.labels("create").inc()
+    if is_terminal(status.get("phase")):
+        return  # finished; its RayJob may be gone by TTL and must not be recreated
+    try:
+        parsed = parse_spec(dict(spec))
+    except SpecError as err:
+        fail_invalid_spec(body, dict(status), patch, err.problems)
+        return
+    children = render_children(parsed, Owner(name=name, namespace=namespace), SETTINGS)
+    kopf.append_owner_reference(children, owner=body)
+    created = []
+    for child in children:
+        if kube.create_or_adopt(child, owner_uid=uid) == "created":
+            metrics.CHILDREN_CREATED.labels(child["kind"]).inc()
+            created.append(f"{child['kind']}/{child['metadata']['name']}")
+    rayjob = naming.rayjob_name(name)
+    if created:
+        kopf.info(body, reason="Created", message=f"created {', '.join(created)}")
+    patch.status["rayJobName"] = rayjob
+    patch.status["outputUri"] = parsed.output.uri
+    patch.status["acceptedSpecHash"] = spec_hash(parsed)
+    patch.status["observedGeneration"] = body.metadata.get("generation")
+    if not status.get("phase"):
+        patch.status["phase"] = "Suspended" if parsed.suspend else "Pending"
+
+
+@kopf.on.update(*GVR, field="spec", retries=10, backoff=5)
+def spec_changed(
+    body: kopf.Body, old: Any, new: Any, status: kopf.Status, name: str, namespace: str, patch: kopf.Patch, **_: Any
+) -> None:
+    """Only `suspend` may change; any other change is refused with a SpecRejected condition and an Event."""
+    metrics.RECONCILES.labels("update").inc()
+    generation = body.metadata.get("generation")
+    try:
+        parsed = parse_spec(dict(new or {}))
+    except SpecError as err:
+        problems = "; ".join(err.problems)
+        patch.status["conditions"] = merge_condition(
+            status.get("conditions"), condition("SpecRejected", True, "SpecInvalid", problems, generation)
+        )
+        kopf.warn(body, reason="SpecRejected", message=problems)
+        return
+    accepted = status.get("acceptedSpecHash")
+    if accepted and spec_hash(parsed) != accepted:
+        fields = ", ".join(changed_fields(old, new)) or "spec"
+        message = (
+            f"{fields} cannot change after creation (only spec.suspend can); the running job keeps its "
+            "original spec. Revert the change, or create a new BatchInference."
+        )
+        patch.status["conditions"] = merge_condition(
+            status.get("conditions"), condition("SpecRejected", True, "ImmutableField", message, generation)
+        )
+        kopf.warn(body, reason="SpecRejected", message=message)
+        return
+    if any(c.get("type") == "SpecRejected" for c in status.get("conditions") or []):
+        patch.status["conditions"] = merge_condition(
+            status.get("conditions"), condition("SpecRejected", False, "SpecAccepted", "", generation)
+        )
+    if (old or {}).get("suspend", False) != parsed.suspend and not is_terminal(status.get("phase")):
+        kube.patch_rayjob_suspend(namespace, naming.rayjob_name(name), parsed.suspend)
+        kopf.info(body, reason="Suspended" if parsed.suspend else "Resumed", message=f"suspend={parsed.suspend}")
+    patch.status["observedGeneration"] = generation
+
+
+@kopf.on.event(*GVR)
+def track_phase(type: str | None, name: str, namespace: str, status: kopf.Status, **_: Any) -> None:
+    """Keep the phase gauge of /metrics current."""
+    if type == "DELETED":
+        metrics.PHASE_COLLECTOR.forget(namespace, name)
+    else:
+        metrics.PHASE_COLLECTOR.observe(namespace, name, status.get("phase"))

@@ -1,0 +1,112 @@
+"""The few Kubernetes API calls the operator makes, wrapped once: 409 means "already there", transient
+errors become `kopf.TemporaryError` (retried with backoff), the rest `kopf.PermanentError`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import kopf
+import kubernetes
+from kubernetes.client.rest import ApiException
+from urllib3.exceptions import HTTPError
+
+from batchinfer_job import spec as s
+
+TRANSIENT_STATUSES = {408, 410, 425, 429, 500, 502, 503, 504}
+RETRY_DELAY = 10.0
+
+
+def configure_client() -> None:
+    """In-cluster credentials when running in a pod, else $KUBECONFIG / ~/.kube/config."""
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+
+
+@contextmanager
+def api_errors(what: str) -> Iterator[None]:
+    """Translate API failures into kopf's retry semantics, naming what was being done."""
+    try:
+        yield
+    except ApiException as err:
+        detail = f"{what}: HTTP {err.status} {err.reason}: {(err.body or '')[:300]}"
+        if err.status in TRANSIENT_STATUSES:
+            raise kopf.TemporaryError(detail, delay=RETRY_DELAY) from err
+        raise kopf.PermanentError(detail) from err
+    except (HTTPError, OSError) as err:  # connection refused/reset, timeouts
+        raise kopf.TemporaryError(f"{what}: {err}", delay=RETRY_DELAY) from err
+
+
+def _creator(kind: str) -> Callable[[str, dict[str, Any]], Any]:
+    core, rbac = kubernetes.client.CoreV1Api(), kubernetes.client.RbacAuthorizationV1Api()
+    custom = kubernetes.client.CustomObjectsApi()
+    return {
+        "ConfigMap": core.create_namespaced_config_map,
+        "ServiceAccount": core.create_namespaced_service_account,
+        "Role": rbac.create_namespaced_role,
+        "RoleBinding": rbac.create_namespaced_role_binding,
+        "RayJob": lambda ns, body: custom.create_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", body),
+    }[kind]
+
+
+def _reader(kind: str) -> Callable[[str, str], Any]:
+    core, rbac = kubernetes.client.CoreV1Api(), kubernetes.client.RbacAuthorizationV1Api()
+    custom = kubernetes.client.CustomObjectsApi()
+    return {
+        "ConfigMap": core.read_namespaced_config_map,
+        "ServiceAccount": core.read_namespaced_service_account,
+        "Role": rbac.read_namespaced_role,
+        "RoleBinding": rbac.read_namespaced_role_binding,
+        "RayJob": lambda name, ns: custom.get_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", name),
+    }[kind]
+
+
+def _owner_uids(obj: Any) -> set[str]:
+    meta = obj["metadata"] if isinstance(obj, dict) else obj.metadata
+    refs = meta.get("ownerReferences") if isinstance(meta, dict) else meta.owner_references
+    return {(r["uid"] if isinstance(r, dict) else r.uid) for r in refs or []}
+
+
+def create_or_adopt(child: dict[str, Any], owner_uid: str) -> str:
+    """Create a child; if it exists already and is ours, keep it. Returns "created" or "existing"."""
+    kind, name, namespace = child["kind"], child["metadata"]["name"], child["metadata"]["namespace"]
+    try:
+        with api_errors(f"create {kind} {namespace}/{name}"):
+            _creator(kind)(namespace, child)
+        return "created"
+    except kopf.PermanentError as err:
+        if not isinstance(err.__cause__, ApiException) or err.__cause__.status != 409:
+            raise
+    with api_errors(f"read existing {kind} {namespace}/{name}"):
+        existing = _reader(kind)(name, namespace)
+    if owner_uid not in _owner_uids(existing):
+        raise kopf.PermanentError(
+            f"{kind} {namespace}/{name} already exists and is not owned by this BatchInference; "
+            "delete it or rename the BatchInference"
+        )
+    return "existing"
+
+
+def get_batchinference(namespace: str, name: str) -> dict[str, Any]:
+    with api_errors(f"read BatchInference {namespace}/{name}"):
+        return kubernetes.client.CustomObjectsApi().get_namespaced_custom_object(
+            s.API_GROUP, s.API_VERSION, namespace, s.PLURAL, name
+        )
+
+
+def patch_batchinference_status(namespace: str, name: str, status: dict[str, Any]) -> None:
+    with api_errors(f"patch status of BatchInference {namespace}/{name}"):
+        kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object_status(
+            s.API_GROUP, s.API_VERSION, namespace, s.PLURAL, name, {"status": status}
+        )
+
+
+def patch_rayjob_suspend(namespace: str, name: str, suspend: bool) -> None:
+    with api_errors(f"patch suspend of RayJob {namespace}/{name}"):
+        kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object(
+            "ray.io", "v1", namespace, "rayjobs", name, {"spec": {"suspend": suspend}}
+        )

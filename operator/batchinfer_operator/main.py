@@ -1,0 +1,36 @@
+"""Operator entry module: kopf settings, the API client, metrics; imports the handlers.
+
+Run: `kopf run -m batchinfer_operator.main --all-namespaces --liveness=http://0.0.0.0:8080/healthz`
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from batchinfer_operator import kube, metrics
+from batchinfer_operator.handlers import batchinference, rayjob  # noqa: F401  (registers handlers)
+from batchinfer_operator.settings import OperatorSettings
+
+PREFIX = "batchinfer.dev"
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
+    # Our own annotation prefix: kopf's progress and diff-base never land in status (the CRD would prune).
+    settings.persistence.finalizer = f"{PREFIX}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 270
+    settings.watching.client_timeout = 300
+    settings.peering.name = "batchinfer"
+    kube.configure_client()
+    config = OperatorSettings.from_env()
+    if config.metrics_port:
+        metrics.serve(config.metrics_port, config.metrics_address)
+        logger.info(f"metrics on {config.metrics_address}:{config.metrics_port}/metrics")

@@ -1,0 +1,48 @@
+"""Deterministic, valid Kubernetes names and label values for a BatchInference's children."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+# KubeRay derives RayCluster/pod names from the RayJob's; it rejects RayJob names over 47 characters.
+RAYJOB_NAME_MAX = 47
+LABEL_VALUE_MAX = 63
+_HASH_LEN = 8
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:_HASH_LEN]
+
+
+def dns1035(name: str, max_length: int) -> str:
+    """A DNS-1035 label (lowercase letter first, [a-z0-9-], alphanumeric last) of at most `max_length`.
+
+    Names that had to change or be shortened get a hash suffix of the original, so two different inputs
+    never collide on the same output.
+    """
+    clean = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    if not clean or not clean[0].isalpha():
+        clean = f"bi-{clean}".rstrip("-")
+    if clean == name and len(clean) <= max_length:
+        return clean
+    suffix = f"-{_digest(name)}"
+    return clean[: max_length - len(suffix)].rstrip("-") + suffix
+
+
+def label_value(value: str) -> str:
+    """A valid label value (≤ 63, [A-Za-z0-9_.-], alphanumeric at both ends), hashed when shortened."""
+    clean = re.sub(r"[^A-Za-z0-9_.-]+", "-", value).strip("-_.")
+    if clean == value and len(clean) <= LABEL_VALUE_MAX:
+        return clean
+    suffix = f"-{_digest(value)}"
+    return clean[: LABEL_VALUE_MAX - len(suffix)].rstrip("-_.") + suffix
+
+
+def rayjob_name(bi_name: str) -> str:
+    return dns1035(bi_name, RAYJOB_NAME_MAX)
+
+
+def child_name(bi_name: str, role: str) -> str:
+    """Name of a namespaced child such as the ConfigMap or ServiceAccount: `<rayjob>-<role>`."""
+    return f"{rayjob_name(bi_name)}-{role}"

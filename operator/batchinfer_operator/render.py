@@ -1,0 +1,234 @@
+"""Pure rendering: a BatchInference spec becomes its child manifests (no API calls).
+
+Children: a ConfigMap with the job's spec as data, a ServiceAccount + Role + RoleBinding that let the job
+patch its own BatchInference's status (progress), and the KubeRay `ray.io/v1` RayJob. The RayJob's
+entrypoint is a constant: the job reads everything from the mounted ConfigMap, so no spec value ever
+reaches a shell.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from batchinfer_job import spec as s
+from batchinfer_operator import naming
+from batchinfer_operator.settings import OperatorSettings
+
+SPEC_DIR = "/etc/batchinfer"
+SPEC_FILE = "spec.json"
+ENTRYPOINT = f"python -m batchinfer_job.entrypoint --spec {SPEC_DIR}/{SPEC_FILE}"
+MANAGED_BY = "batchinfer-operator"
+NAME_LABEL = "batchinfer.dev/name"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The BatchInference the children belong to."""
+
+    name: str
+    namespace: str
+
+
+def common_labels(owner: Owner) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "batchinfer",
+        "app.kubernetes.io/instance": naming.label_value(owner.name),
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        NAME_LABEL: naming.label_value(owner.name),
+    }
+
+
+def _meta(name: str, owner: Owner, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"name": name, "namespace": owner.namespace, "labels": {**common_labels(owner), **(extra_labels or {})}}
+
+
+def job_document(spec: s.BatchInferenceSpec, owner: Owner) -> dict[str, Any]:
+    """What the job reads: its own identity (for status updates) and the validated spec."""
+    return {
+        "apiVersion": f"{s.API_GROUP}/{s.API_VERSION}",
+        "kind": s.KIND,
+        "metadata": {"name": owner.name, "namespace": owner.namespace},
+        "spec": spec.model_dump(mode="json", exclude_none=True),
+    }
+
+
+def render_configmap(spec: s.BatchInferenceSpec, owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(naming.child_name(owner.name, "job"), owner),
+        "data": {SPEC_FILE: json.dumps(job_document(spec, owner), indent=2, sort_keys=True)},
+    }
+
+
+def service_account_name(spec: s.BatchInferenceSpec, owner: Owner) -> str:
+    return spec.cluster.serviceAccountName or naming.child_name(owner.name, "runner")
+
+
+def render_rbac(spec: s.BatchInferenceSpec, owner: Owner) -> list[dict[str, Any]]:
+    """ServiceAccount (unless the spec names one), a Role to patch this one BatchInference's status, binding."""
+    sa = service_account_name(spec, owner)
+    role = naming.child_name(owner.name, "progress")
+    docs: list[dict[str, Any]] = []
+    if spec.cluster.serviceAccountName is None:
+        docs.append({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(sa, owner)})
+    docs.append(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _meta(role, owner),
+            "rules": [
+                {
+                    "apiGroups": [s.API_GROUP],
+                    "resources": [f"{s.PLURAL}/status"],
+                    "resourceNames": [owner.name],
+                    "verbs": ["get", "patch"],
+                }
+            ],
+        }
+    )
+    docs.append(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _meta(role, owner),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": owner.namespace}],
+        }
+    )
+    return docs
+
+
+def _env(spec: s.BatchInferenceSpec, owner: Owner) -> list[dict[str, Any]]:
+    env = [
+        {"name": "BATCHINFER_NAME", "value": owner.name},
+        {"name": "BATCHINFER_NAMESPACE", "value": owner.namespace},
+        {"name": "BATCHINFER_SPEC", "value": f"{SPEC_DIR}/{SPEC_FILE}"},
+    ]
+    if spec.storage.endpointUrl:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpointUrl})
+    if spec.storage.region:
+        env += [
+            {"name": "AWS_REGION", "value": spec.storage.region},
+            {"name": "AWS_DEFAULT_REGION", "value": spec.storage.region},
+        ]
+    return env
+
+
+def _resources(res: s.Resources, gpus: int) -> dict[str, Any]:
+    amounts = {"cpu": res.cpu, "memory": res.memory}
+    limits: dict[str, Any] = dict(amounts)
+    if gpus:
+        limits["nvidia.com/gpu"] = gpus
+    return {"requests": amounts, "limits": limits}
+
+
+def _container(
+    name: str, spec: s.BatchInferenceSpec, owner: Owner, settings: OperatorSettings, resources: dict[str, Any]
+) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": name,
+        "image": spec.cluster.image or settings.job_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "env": _env(spec, owner),
+        "resources": resources,
+        "volumeMounts": [{"name": "batchinfer-job", "mountPath": SPEC_DIR, "readOnly": True}],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if spec.storage.secretRef is not None:
+        container["envFrom"] = [{"secretRef": {"name": spec.storage.secretRef.name}}]
+    return container
+
+
+def _pod_template(
+    spec: s.BatchInferenceSpec, owner: Owner, container: dict[str, Any], labels: dict[str, str]
+) -> dict[str, Any]:
+    pod: dict[str, Any] = {
+        "serviceAccountName": service_account_name(spec, owner),
+        "containers": [container],
+        "volumes": [{"name": "batchinfer-job", "configMap": {"name": naming.child_name(owner.name, "job")}}],
+    }
+    sched = spec.scheduling
+    if sched.nodeSelector:
+        pod["nodeSelector"] = dict(sched.nodeSelector)
+    if sched.tolerations:
+        pod["tolerations"] = list(sched.tolerations)
+    if sched.affinity:
+        pod["affinity"] = dict(sched.affinity)
+    if sched.priorityClassName:
+        pod["priorityClassName"] = sched.priorityClassName
+    return {"metadata": {"labels": labels}, "spec": pod}
+
+
+def worker_gpus(spec: s.BatchInferenceSpec) -> int:
+    """GPUs per worker pod: the explicit limit, else enough for one model actor."""
+    return spec.cluster.workers.resources.gpu or math.ceil(spec.compute.gpusPerActor)
+
+
+def render_rayjob(spec: s.BatchInferenceSpec, owner: Owner, settings: OperatorSettings) -> dict[str, Any]:
+    """The KubeRay v1.7.0 RayJob (ray.io/v1)."""
+    labels = common_labels(owner)
+    job_labels = dict(labels)
+    if spec.scheduling.queueName:
+        job_labels[KUEUE_QUEUE_LABEL] = spec.scheduling.queueName
+    head = _container("ray-head", spec, owner, settings, _resources(spec.cluster.head, gpus=0))
+    head["ports"] = [
+        {"containerPort": 6379, "name": "gcs-server"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+    ]
+    workers = spec.cluster.workers
+    worker = _container("ray-worker", spec, owner, settings, _resources(workers.resources, worker_gpus(spec)))
+    rayjob_spec: dict[str, Any] = {
+        "entrypoint": ENTRYPOINT,
+        "submissionMode": "K8sJobMode",
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": spec.ttlSecondsAfterFinished,
+        "backoffLimit": spec.backoffLimit,
+        "suspend": spec.suspend,
+        "rayClusterSpec": {
+            "rayVersion": spec.cluster.rayVersion or settings.ray_version,
+            "enableInTreeAutoscaling": spec.cluster.enableInTreeAutoscaling,
+            "headGroupSpec": {
+                # The head schedules no tasks: decode and model actors go to workers; the driver runs here.
+                "rayStartParams": {"num-cpus": "0"},
+                "template": _pod_template(spec, owner, head, labels),
+            },
+            "workerGroupSpecs": [
+                {
+                    "groupName": "workers",
+                    "replicas": workers.replicas,
+                    "minReplicas": workers.minReplicas,
+                    "maxReplicas": workers.maxReplicas,
+                    "rayStartParams": {},
+                    "template": _pod_template(spec, owner, worker, labels),
+                }
+            ],
+        },
+    }
+    if spec.activeDeadlineSeconds is not None:
+        rayjob_spec["activeDeadlineSeconds"] = spec.activeDeadlineSeconds
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": _meta(naming.rayjob_name(owner.name), owner, job_labels),
+        "spec": rayjob_spec,
+    }
+
+
+def render_children(spec: s.BatchInferenceSpec, owner: Owner, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """Everything the operator creates for one BatchInference, in creation order (RayJob last).
+
+    A JSON round trip leaves no two places sharing a dict (callers may mutate; YAML gets no anchors).
+    """
+    children = [render_configmap(spec, owner), *render_rbac(spec, owner), render_rayjob(spec, owner, settings)]
+    return json.loads(json.dumps(children))

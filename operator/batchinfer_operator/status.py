@@ -1,0 +1,104 @@
+"""Pure status mapping: a RayJob's status becomes the BatchInference's phase, conditions and times.
+
+Only `jobDeploymentStatus: Complete` with `jobStatus: SUCCEEDED` is success: a stopped job also ends as
+Complete, and `jobStatus` can lag behind the deployment status (kuberay#2314), in which case the phase
+stays Running until it catches up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+FAILED_DEPLOYMENTS = {"Failed", "ValidationFailed"}
+SUSPENDED_DEPLOYMENTS = {"Suspended", "Suspending"}
+TERMINAL_JOB_STATUSES = {"SUCCEEDED", "FAILED", "STOPPED"}
+CONDITION_TYPES = ("Running", "Succeeded", "Failed")
+
+
+def phase_of(rayjob_status: dict[str, Any]) -> str:
+    deployment = rayjob_status.get("jobDeploymentStatus") or ""
+    job = rayjob_status.get("jobStatus") or ""
+    if deployment in FAILED_DEPLOYMENTS:
+        return "Failed"
+    if deployment in SUSPENDED_DEPLOYMENTS:
+        return "Suspended"
+    if deployment == "Complete":
+        if job == "SUCCEEDED":
+            return "Succeeded"
+        if job in TERMINAL_JOB_STATUSES:
+            return "Failed"
+        return "Running"  # jobStatus lags: do not claim success or failure yet
+    if deployment == "Running":
+        return "Running"
+    return "Pending"
+
+
+def _reason_message(phase: str, rayjob_status: dict[str, Any]) -> tuple[str, str]:
+    deployment = rayjob_status.get("jobDeploymentStatus") or "New"
+    job = rayjob_status.get("jobStatus") or "PENDING"
+    if phase == "Failed":
+        reason = rayjob_status.get("reason") or ("JobStopped" if job == "STOPPED" else f"Job{job.capitalize()}")
+        message = rayjob_status.get("message") or f"RayJob ended with jobStatus {job} ({deployment})"
+        return reason, message
+    if phase == "Succeeded":
+        return "JobSucceeded", "all inputs processed; predictions committed"
+    return deployment, rayjob_status.get("message") or f"RayJob {deployment.lower()}, jobStatus {job}"
+
+
+def conditions_for(
+    phase: str, reason: str, message: str, previous: list[dict[str, Any]] | None, now: str, generation: int | None
+) -> list[dict[str, Any]]:
+    """Running/Succeeded/Failed conditions; lastTransitionTime changes only when a status flips."""
+    before = {c.get("type"): c for c in previous or []}
+    truth = {"Running": phase == "Running", "Succeeded": phase == "Succeeded", "Failed": phase == "Failed"}
+    out = [c for c in previous or [] if c.get("type") not in CONDITION_TYPES]
+    for kind in CONDITION_TYPES:
+        status = "True" if truth[kind] else "False"
+        old = before.get(kind, {})
+        unchanged = old.get("status") == status
+        if truth[kind]:
+            why, detail = reason, message
+        elif unchanged:
+            why, detail = old.get("reason") or reason, old.get("message", "")
+        else:
+            why, detail = reason, ""
+        out.append(
+            {
+                "type": kind,
+                "status": status,
+                "reason": why,
+                "message": detail,
+                "lastTransitionTime": old.get("lastTransitionTime") if unchanged else now,
+                "observedGeneration": generation,
+            }
+        )
+    return out
+
+
+def status_from_rayjob(
+    rayjob: dict[str, Any], current: dict[str, Any] | None, now: str, generation: int | None
+) -> dict[str, Any]:
+    """The BatchInference status patch for a RayJob's current state."""
+    rj_status = rayjob.get("status") or {}
+    current = current or {}
+    phase = phase_of(rj_status)
+    reason, message = _reason_message(phase, rj_status)
+    patch: dict[str, Any] = {
+        "phase": phase,
+        "rayJobName": rayjob["metadata"]["name"],
+        "conditions": conditions_for(phase, reason, message, current.get("conditions"), now, generation),
+    }
+    for ours, theirs in (("rayClusterName", "rayClusterName"), ("dashboardURL", "dashboardURL")):
+        if rj_status.get(theirs):
+            patch[ours] = rj_status[theirs]
+    if rj_status.get("startTime"):
+        patch["startTime"] = rj_status["startTime"]
+    if phase in ("Succeeded", "Failed"):
+        patch["completionTime"] = rj_status.get("endTime") or current.get("completionTime") or now
+    if phase == "Failed":
+        patch["reason"], patch["message"] = reason, message
+    return patch
+
+
+def is_terminal(phase: str | None) -> bool:
+    return phase in ("Succeeded", "Failed")

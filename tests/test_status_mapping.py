@@ -1,0 +1,66 @@
+"""RayJob status → BatchInference status, the way KubeRay moves a RayJob."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchinfer_operator.status import phase_of, status_from_rayjob
+
+
+@pytest.mark.parametrize(
+    ("deployment", "job", "phase"),
+    [
+        ("", "", "Pending"),
+        ("New", "", "Pending"),
+        ("Initializing", "PENDING", "Pending"),
+        ("Running", "RUNNING", "Running"),
+        ("Complete", "SUCCEEDED", "Succeeded"),
+        ("Complete", "STOPPED", "Failed"),  # a stopped job also ends as Complete
+        ("Complete", "FAILED", "Failed"),
+        ("Complete", "RUNNING", "Running"),  # jobStatus lags (kuberay#2314): not success yet
+        ("Failed", "FAILED", "Failed"),
+        ("ValidationFailed", "", "Failed"),
+        ("Suspended", "", "Suspended"),
+        ("Retrying", "FAILED", "Pending"),
+    ],
+)
+def test_phase_of(deployment: str, job: str, phase: str) -> None:
+    assert phase_of({"jobDeploymentStatus": deployment, "jobStatus": job}) == phase
+
+
+def rayjob(**status: str) -> dict:
+    return {"metadata": {"name": "rj"}, "status": status}
+
+
+def test_failure_carries_reason_message_and_completion_time() -> None:
+    out = status_from_rayjob(
+        rayjob(
+            jobDeploymentStatus="Failed",
+            jobStatus="FAILED",
+            reason="DeadlineExceeded",
+            message="activeDeadlineSeconds passed",
+            startTime="2026-01-01T00:00:00Z",
+            endTime="2026-01-01T01:00:00Z",
+        ),
+        None,
+        "2026-01-01T01:00:01Z",
+        1,
+    )
+    assert out["phase"] == "Failed"
+    assert (out["reason"], out["message"]) == ("DeadlineExceeded", "activeDeadlineSeconds passed")
+    assert out["completionTime"] == "2026-01-01T01:00:00Z" and out["startTime"] == "2026-01-01T00:00:00Z"
+    failed = next(c for c in out["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "DeadlineExceeded"
+
+
+def test_transition_time_moves_only_when_a_condition_flips() -> None:
+    first = status_from_rayjob(rayjob(jobDeploymentStatus="Running", jobStatus="RUNNING"), None, "T1", 1)
+    again = status_from_rayjob(rayjob(jobDeploymentStatus="Running", jobStatus="RUNNING"), first, "T2", 1)
+    done = status_from_rayjob(rayjob(jobDeploymentStatus="Complete", jobStatus="SUCCEEDED"), again, "T3", 1)
+    running = {
+        s: next(c for c in st["conditions"] if c["type"] == "Running")
+        for s, st in (("first", first), ("again", again), ("done", done))
+    }
+    assert running["first"]["lastTransitionTime"] == running["again"]["lastTransitionTime"] == "T1"
+    assert running["done"]["status"] == "False" and running["done"]["lastTransitionTime"] == "T3"
+    assert next(c for c in done["conditions"] if c["type"] == "Succeeded")["status"] == "True"
