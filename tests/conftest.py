@@ -12,6 +12,7 @@ import pytest
 
 from batchinfer_job.demo_data import write_demo_images, write_truncated
 from batchinfer_job.local import LOCAL_RAY_ENV
+from tests.operator_env import k8s, namespace, operator  # noqa: F401  (operator-test fixtures)
 
 for _key, _value in LOCAL_RAY_ENV.items():
     os.environ.setdefault(_key, _value)

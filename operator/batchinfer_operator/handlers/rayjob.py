@@ -13,6 +13,7 @@ from batchinfer_operator.handlers.batchinference import now
 from batchinfer_operator.render import MANAGED_BY
 from batchinfer_operator.status import status_from_rayjob
 
+EVENTFUL_PHASES = ("Running", "Succeeded", "Failed", "Suspended")
 _COMPARED = ("phase", "rayClusterName", "dashboardURL", "startTime", "completionTime", "reason", "message")
 
 
@@ -47,11 +48,7 @@ def mirror_rayjob(body: kopf.Body, type: str | None, namespace: str, logger: Any
     kube.patch_batchinference_status(namespace, owner, update)
     if update["phase"] != current.get("phase"):
         logger.info(f"phase {current.get('phase')} -> {update['phase']}")
-        event = {"Succeeded": kopf.info, "Failed": kopf.warn}.get(update["phase"], kopf.info)
-        event(
-            bi,
-            reason=update["phase"],
-            message=update.get("message")
-            or update["conditions"][-1]["message"]
-            or f"RayJob {body.metadata['name']} is {update['phase']}",
-        )
+        if update["phase"] in EVENTFUL_PHASES:
+            post = kopf.warn if update["phase"] == "Failed" else kopf.info
+            detail = update.get("message") or f"RayJob {body.metadata['name']} is {update['phase']}"
+            post(bi, reason=update["phase"], message=detail)

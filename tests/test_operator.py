@@ -1,0 +1,193 @@
+"""The real kopf operator against the strict emulator: children, status mirroring, restarts, progress."""
+
+from __future__ import annotations
+
+import time
+
+import kubernetes
+import pytest
+
+from batchinfer_job.progress import ProgressReport
+from batchinfer_job.status_reporter import StatusReporter
+from tests.crd_schemas import kuberay_validator, schema_errors
+from tests.operator_env import (
+    Api,
+    FakeKubeRay,
+    eventually,
+    quickstart_spec,
+    read_configmap_spec,
+)
+
+NAME = "quickstart"
+
+
+@pytest.fixture
+def api(k8s) -> Api:
+    return Api()
+
+
+def one_rayjob(api: Api, namespace: str) -> dict:
+    jobs = api.rayjobs(namespace)
+    assert len(jobs) == 1, [j["metadata"]["name"] for j in jobs]
+    return jobs[0]
+
+
+def phase(api: Api, namespace: str, name: str = NAME) -> str | None:
+    return (api.get_bi(namespace, name).get("status") or {}).get("phase")
+
+
+def test_create_makes_exactly_one_schema_valid_rayjob_with_owner(operator, api: Api, namespace: str) -> None:
+    bi = api.create_bi(namespace, NAME, quickstart_spec())
+    rayjob = eventually(lambda: one_rayjob(api, namespace), what="the RayJob")
+    assert schema_errors(kuberay_validator("rayjobs"), rayjob) == []
+    (ref,) = rayjob["metadata"]["ownerReferences"]
+    assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == (
+        "BatchInference",
+        NAME,
+        bi["metadata"]["uid"],
+        True,
+    )
+    assert read_configmap_spec(api, namespace)["spec"]["model"] == {"packaged": "efficientnet_lite0"}
+    status = eventually(
+        lambda: (
+            api.get_bi(namespace, NAME).get("status", {}).get("rayJobName") and api.get_bi(namespace, NAME)["status"]
+        ),
+        what="status.rayJobName",
+    )
+    assert status["phase"] == "Pending" and status["rayJobName"] == rayjob["metadata"]["name"]
+    assert status["observedGeneration"] == 1
+    reasons = eventually(lambda: {e.reason for e in api.events(namespace)} & {"Created"}, what="a Created event")
+    assert reasons == {"Created"}
+
+
+def started(api: Api, namespace: str, spec: dict | None = None, name: str = NAME) -> FakeKubeRay:
+    api.create_bi(namespace, name, spec or quickstart_spec())
+    rayjob = eventually(lambda: one_rayjob(api, namespace), what="the RayJob")
+    return FakeKubeRay(namespace, rayjob["metadata"]["name"])
+
+
+def test_success_is_mirrored_with_conditions_and_times(operator, api: Api, namespace: str) -> None:
+    kuberay = started(api, namespace)
+    kuberay.initializing()
+    eventually(lambda: api.get_bi(namespace, NAME)["status"].get("rayClusterName"), what="rayClusterName")
+    kuberay.running()
+    eventually(lambda: phase(api, namespace) == "Running", what="Running")
+    kuberay.complete_lagging()
+    status = eventually(lambda: api.get_bi(namespace, NAME)["status"], what="status")
+    assert status["phase"] == "Running"  # jobStatus lags: no success claimed yet
+    kuberay.succeed()
+    eventually(lambda: phase(api, namespace) == "Succeeded", what="Succeeded")
+    status = api.get_bi(namespace, NAME)["status"]
+    assert status["startTime"] == "2026-11-25T10:00:00Z" and status["completionTime"] == "2026-11-25T10:30:00Z"
+    assert status["rayClusterName"].startswith(status["rayJobName"]) and status["dashboardURL"].endswith(":8265")
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Succeeded"]["status"] == "True" and conditions["Succeeded"]["reason"] == "JobSucceeded"
+    assert conditions["Running"]["status"] == "False" and conditions["Failed"]["status"] == "False"
+    eventually(lambda: "Succeeded" in {e.reason for e in api.events(namespace)}, what="a Succeeded event")
+
+
+def test_failure_is_mirrored_with_reason_and_message(operator, api: Api, namespace: str) -> None:
+    kuberay = started(api, namespace)
+    kuberay.initializing()
+    kuberay.running()
+    kuberay.fail("AppFailed", "Job entrypoint command failed with exit code 1")
+    eventually(lambda: phase(api, namespace) == "Failed", what="Failed")
+    status = api.get_bi(namespace, NAME)["status"]
+    assert status["reason"] == "AppFailed"
+    assert status["message"] == "Job entrypoint command failed with exit code 1"
+    assert status["completionTime"] == "2026-11-25T10:05:00Z"
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert (failed["status"], failed["reason"]) == ("True", "AppFailed")
+    warnings = eventually(lambda: [e for e in api.events(namespace) if e.reason == "Failed"], what="Failed event")
+    assert warnings[0].type == "Warning" and "exit code 1" in warnings[0].message
+
+
+def test_operator_restart_midway_keeps_exactly_one_rayjob(operator, api: Api, namespace: str) -> None:
+    kuberay = started(api, namespace)
+    kuberay.running()
+    eventually(lambda: phase(api, namespace) == "Running", what="Running")
+    first_uid = one_rayjob(api, namespace)["metadata"]["uid"]
+    operator.restart()  # the new operator resumes the object: it must adopt, not duplicate
+    kuberay.succeed()
+    eventually(lambda: phase(api, namespace) == "Succeeded", what="Succeeded after restart")
+    assert [j["metadata"]["uid"] for j in api.rayjobs(namespace)] == [first_uid]
+    assert len(api.configmaps(namespace)) == 1
+
+
+def test_progress_from_the_job_appears_in_status_while_running(operator, api: Api, namespace: str) -> None:
+    kuberay = started(api, namespace)
+    kuberay.running()
+    eventually(lambda: phase(api, namespace) == "Running", what="Running")
+    reporter = StatusReporter(namespace=namespace, name=NAME, api=kubernetes.client.CustomObjectsApi(), interval=0)
+    reporter(ProgressReport(processed=120, failed=3, total=300, seconds=10.0))
+    progress = eventually(lambda: api.get_bi(namespace, NAME)["status"].get("progress"), what="progress")
+    assert (progress["processed"], progress["failed"], progress["total"]) == (120, 3, 300)
+    assert progress["rowsPerSecond"] == 12.0 and progress["eta"] == "15s" and progress["display"] == "120/300 (40%)"
+    kuberay.succeed()
+    eventually(lambda: phase(api, namespace) == "Succeeded", what="Succeeded")
+    assert api.get_bi(namespace, NAME)["status"]["progress"]["processed"] == 120  # the operator keeps it
+
+
+def test_changing_an_immutable_field_is_refused_clearly(operator, api: Api, namespace: str) -> None:
+    started(api, namespace)
+    eventually(lambda: api.get_bi(namespace, NAME).get("status", {}).get("acceptedSpecHash"), what="accepted")
+    api.patch_bi(namespace, NAME, {"spec": {"output": {"uri": "s3://elsewhere/out"}}})
+
+    def rejected() -> dict | None:
+        conditions = api.get_bi(namespace, NAME)["status"].get("conditions") or []
+        return next((c for c in conditions if c["type"] == "SpecRejected" and c["status"] == "True"), None)
+
+    condition = eventually(rejected, what="SpecRejected")
+    assert condition["reason"] == "ImmutableField"
+    assert "spec.output cannot change after creation" in condition["message"]
+    assert read_configmap_spec(api, namespace)["spec"]["output"]["uri"] == "build/demo/predictions"
+    eventually(lambda: "SpecRejected" in {e.reason for e in api.events(namespace)}, what="SpecRejected event")
+
+
+def test_suspend_may_change_and_reaches_the_rayjob(operator, api: Api, namespace: str) -> None:
+    started(api, namespace)
+    eventually(lambda: api.get_bi(namespace, NAME).get("status", {}).get("acceptedSpecHash"), what="accepted")
+    api.patch_bi(namespace, NAME, {"spec": {"suspend": True}})
+    eventually(lambda: one_rayjob(api, namespace)["spec"]["suspend"] is True, what="RayJob suspended")
+    conditions = api.get_bi(namespace, NAME)["status"].get("conditions") or []
+    assert not any(c["type"] == "SpecRejected" and c["status"] == "True" for c in conditions)
+
+
+def test_spec_the_schema_cannot_catch_fails_with_named_field(operator, api: Api, namespace: str) -> None:
+    spec = quickstart_spec()
+    spec["model"] = {"packaged": "efficientnet_lite0", "torchvision": {"name": "resnet50"}}  # a CEL-only rule
+    api.create_bi(namespace, NAME, spec)
+    eventually(lambda: phase(api, namespace) == "Failed", what="Failed")
+    status = api.get_bi(namespace, NAME)["status"]
+    assert status["reason"] == "SpecInvalid"
+    assert "spec.model: model needs exactly one of torchvision, weightsUri, packaged, predictor" in status["message"]
+    assert api.rayjobs(namespace) == []
+    eventually(lambda: "SpecInvalid" in {e.reason for e in api.events(namespace)}, what="SpecInvalid event")
+
+
+def test_api_server_rejects_schema_violations(k8s, api: Api, namespace: str) -> None:
+    spec = quickstart_spec()
+    spec["output"]["topK"] = 0
+    with pytest.raises(kubernetes.client.ApiException) as err:
+        api.create_bi(namespace, NAME, spec)
+    assert err.value.status == 422 and "spec.output.topK" in err.value.body
+
+
+def test_deleting_the_batchinference_collects_its_children(operator, api: Api, namespace: str) -> None:
+    started(api, namespace)
+    eventually(lambda: len(api.configmaps(namespace)) == 1, what="ConfigMap")
+    api.delete_bi(namespace, NAME)
+    eventually(lambda: api.rayjobs(namespace) == [] and api.configmaps(namespace) == [], what="children gone")
+
+
+def test_finished_batchinference_is_not_rerun_after_its_rayjob_expires(operator, api: Api, namespace: str) -> None:
+    kuberay = started(api, namespace)
+    kuberay.succeed()
+    eventually(lambda: phase(api, namespace) == "Succeeded", what="Succeeded")
+    kubernetes.client.CustomObjectsApi().delete_namespaced_custom_object(
+        "ray.io", "v1", namespace, "rayjobs", kuberay.name
+    )  # ttlSecondsAfterFinished passed
+    operator.restart()
+    time.sleep(2)  # give the resumed operator the chance to (wrongly) recreate it
+    assert api.rayjobs(namespace) == []
+    assert phase(api, namespace) == "Succeeded"
