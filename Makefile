@@ -19,7 +19,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: help setup demo test lint format crds lock helm bench images kind-e2e clean
+.PHONY: help setup demo test lint format crds manifests lock helm bench images kind-e2e clean
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 crds: $(STAMP) ## Regenerate the CRD from the schema (manifests/ and the chart)
 	$(BIN)/batchinfer crd -o manifests/crds/batchinference.yaml
 	test ! -d charts/batchinfer || $(BIN)/batchinfer crd -o charts/batchinfer/crds/batchinference.yaml
+
+manifests: crds $(HELM) ## Regenerate manifests/rbac from the chart and the Argo CD health-check patch
+	PATH=$(abspath $(TOOLS)):$$PATH $(BIN)/python -m tests.chart_render rbac > manifests/rbac/operator-rbac.yaml
 
 lock: ## Re-resolve and pin every dependency into requirements.lock
 	rm -rf $(BUILD)/lockenv && $(PYTHON) -m venv $(BUILD)/lockenv

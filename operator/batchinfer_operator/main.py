@@ -5,7 +5,9 @@ Run: `kopf run -m batchinfer_operator.main --all-namespaces --liveness=http://0.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from typing import Any
 
 import kopf
@@ -15,6 +17,11 @@ from batchinfer_operator.handlers import batchinference, rayjob  # noqa: F401  (
 from batchinfer_operator.settings import OperatorSettings
 
 PREFIX = "batchinfer.dev"
+
+
+def peering_priority(pod_name: str) -> int:
+    """A priority in [1, 10**6) derived from the pod name (two pods collide with odds of about 1e-6)."""
+    return 1 + int(hashlib.sha256(pod_name.encode()).hexdigest()[:12], 16) % (10**6 - 1)
 
 
 @kopf.on.startup()
@@ -29,6 +36,8 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
     settings.peering.name = "batchinfer"
+    # kopf pauses *all* peers that share a priority: give each pod its own, stable for the pod's life.
+    settings.peering.priority = peering_priority(os.environ.get("POD_NAME", ""))
     kube.configure_client()
     config = OperatorSettings.from_env()
     if config.metrics_port:
