@@ -19,7 +19,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: help setup demo test lint format crds manifests lock helm bench images kind-e2e clean
+.PHONY: help setup demo test lint format crds docs manifests lock helm bench images kind-e2e clean
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ crds: $(STAMP) ## Regenerate the CRD from the schema (manifests/ and the chart)
 	$(BIN)/batchinfer crd -o manifests/crds/batchinference.yaml
 	test ! -d charts/batchinfer || $(BIN)/batchinfer crd -o charts/batchinfer/crds/batchinference.yaml
 
+docs: $(STAMP) ## Regenerate the README's spec reference from the schema
+	$(BIN)/batchinfer docs
+
 manifests: crds $(HELM) ## Regenerate manifests/rbac from the chart and the Argo CD health-check patch
 	PATH=$(abspath $(TOOLS)):$$PATH $(BIN)/python -m tests.chart_render rbac > manifests/rbac/operator-rbac.yaml
 
@@ -68,6 +71,13 @@ lock: ## Re-resolve and pin every dependency into requirements.lock
 	$(BUILD)/lockenv/bin/pip install --quiet -e '.[job,operator,dev]'
 	{ echo "# Exact versions for every environment (make setup installs with -c requirements.lock)."; \
 	  echo "# Regenerate: make lock"; $(BUILD)/lockenv/bin/pip freeze --exclude-editable | grep -v '^-e'; } > requirements.lock
+
+images: ## Build the operator and job images (needs a Docker engine)
+	docker build -f operator/Dockerfile -t batchinfer-operator:dev .
+	docker build -f job_image/Dockerfile -t batchinfer-job:dev .
+
+kind-e2e: $(STAMP) $(HELM) ## Real cluster e2e: kind + KubeRay + MinIO + chart + sample (needs Docker, kind; not in CI)
+	bash tests/e2e/kind_e2e.sh
 
 clean: ## Remove build outputs (keeps .venv)
 	rm -rf $(BUILD) .pytest_cache

@@ -68,3 +68,11 @@ def test_crd_command_prints_the_committed_crd() -> None:
     result = runner.invoke(app, ["crd"])
     assert result.exit_code == 0
     assert result.output == Path("manifests/crds/batchinference.yaml").read_text()
+
+
+def test_readme_spec_reference_is_generated_from_the_schema() -> None:
+    from batchinfer_operator.reference import replace_reference
+
+    readme = Path("README.md").read_text()
+    assert replace_reference(readme) == readme, "README spec reference drifted: run `make docs`"
+    assert "| `spec.model.torchvision.name` | string |" in readme

@@ -25,6 +25,7 @@ from batchinfer_job.spec import BatchInferenceSpec
 
 SHARD_ROWS = 1024
 SHARD_SECONDS = 20.0
+DECODE_TASK_RETRIES = 3
 
 
 @dataclass
@@ -48,14 +49,6 @@ def default_batch_size(spec: BatchInferenceSpec) -> int:
     return 64 if spec.compute.gpusPerActor > 0 else 16
 
 
-@dataclass(frozen=True)
-class _DecodeResources:
-    num_cpus: float
-
-    def __call__(self) -> dict[str, float]:
-        return {"num_cpus": self.num_cpus}
-
-
 def build_dataset(spec: BatchInferenceSpec, source: inputs.InputSource) -> ray.data.Dataset:
     """The lazy Ray Data plan: decode on CPU tasks, predict on the actor pool."""
     compute = spec.compute
@@ -65,9 +58,11 @@ def build_dataset(spec: BatchInferenceSpec, source: inputs.InputSource) -> ray.d
         fn_kwargs={"preprocess": preprocess_for(spec.model)},
         batch_size=batch_size,
         batch_format="numpy",
-        # Given as a function, the remote args keep Ray from fusing decode into the model actor: decode
-        # then runs in its own CPU tasks, overlapping the model instead of taking turns with it.
-        ray_remote_args_fn=_DecodeResources(compute.preprocessCpus),
+        num_cpus=compute.preprocessCpus,
+        # Decode is idempotent: retry a lost task a bounded number of times. Remote args that differ from
+        # the actor's also keep Ray from fusing decode into the model actor, so decode runs in its own CPU
+        # tasks, overlapping the model instead of taking turns with it.
+        max_retries=DECODE_TASK_RETRIES,
     )
     config = PredictorConfig(
         model=spec.model.model_dump(mode="json", exclude_none=True),

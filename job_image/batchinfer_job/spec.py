@@ -89,8 +89,9 @@ class ModelSpec(_Model):
     predictor: str | None = Field(
         default=None,
         description=(
-            "Your own predictor class as 'module:Class', importable in the job image. It is constructed once "
-            "per actor and called with a dict of numpy arrays (key, image uint8 NHWC, error) per batch."
+            "Your own predictor class as 'module:Class', importable in the job image. Constructed once per "
+            "actor; called per batch with {'key', 'image' (uint8 NHWC)} of the decodable rows; returns "
+            "'top_k_classes' and 'top_k_scores' (N x k) and optionally 'categories' (class names)."
         ),
         max_length=256,
     )

@@ -106,6 +106,14 @@ def crd(
         output.write_text(text)
 
 
+@app.command("docs")
+def docs(readme: Path = typer.Option(Path("README.md"), help="README to update in place.")) -> None:
+    """Regenerate the spec reference section of the README from the schema."""
+    from batchinfer_operator.reference import replace_reference
+
+    readme.write_text(replace_reference(readme.read_text()))
+
+
 @app.command("demo-data")
 def demo_data(
     folder: Path = typer.Argument(..., help="Folder to fill with photos."),

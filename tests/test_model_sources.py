@@ -1,0 +1,88 @@
+"""Other model and input sources: TorchScript/state_dict from a URI, a user predictor, Parquet input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from torchvision import models as tvm
+
+from batchinfer_job.local import run_local
+from batchinfer_job.models import load_model
+from batchinfer_job.spec import ModelSpec
+from batchinfer_job.summary import read_predictions
+from tests.helpers import make_spec
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+
+def test_state_dict_and_torchscript_from_a_uri_load_the_same_weights(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    reference = tvm.resnet18(weights=None).eval()
+    torch.save(reference.state_dict(), tmp_path / "state.pt")
+    torch.jit.save(torch.jit.script(reference), tmp_path / "scripted.pt")
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        expected = reference(x)
+        from_state = load_model(ModelSpec(weightsUri=str(tmp_path / "state.pt"), architecture="resnet18"))
+        from_script = load_model(ModelSpec(weightsUri=str(tmp_path / "scripted.pt")))
+        assert torch.allclose(from_state.module(x), expected, atol=1e-5)
+        assert torch.allclose(from_script.module(x), expected, atol=1e-5)
+    assert from_state.categories[0] == "tench"  # 1000 classes: ImageNet names
+
+
+def test_a_state_dict_without_architecture_is_explained(tmp_path: Path) -> None:
+    torch.save(tvm.resnet18(weights=None).state_dict(), tmp_path / "state.pt")
+    with pytest.raises(RuntimeError, match=r"not TorchScript .*set model\.architecture"):
+        load_model(ModelSpec(weightsUri=str(tmp_path / "state.pt")))
+
+
+def solid(color: tuple[int, int, int], path: Path) -> Path:
+    Image.new("RGB", (64, 48), color).save(path)
+    return path
+
+
+def test_user_predictor_class_runs_in_the_actor_pool(tmp_path: Path) -> None:
+    images = tmp_path / "in"
+    images.mkdir()
+    solid((200, 10, 10), images / "red_000.png")
+    solid((10, 10, 220), images / "blue_000.png")
+    spec = make_spec(
+        str(images), str(tmp_path / "out"), model={"predictor": "batchinfer_job.examples:DominantChannelPredictor"}
+    )
+    run_local(spec, on_progress=None)
+    labels = {Path(r["key"]).name: r["label"] for r in read_predictions(str(tmp_path / "out")).to_pylist()}
+    assert labels == {"red_000.png": "red", "blue_000.png": "blue"}
+
+
+def test_parquet_input_with_image_bytes_and_key_column(tmp_path: Path, photo_dir: Path) -> None:
+    photos = sorted(p for p in photo_dir.iterdir() if p.name.startswith("chelsea_"))[:3]
+    table = pa.table(
+        {
+            "product_id": [f"sku-{i}" for i in range(len(photos) + 1)],
+            "image_bytes": [p.read_bytes() for p in photos] + [b"not an image"],
+            "unused": np.arange(len(photos) + 1),
+        }
+    )
+    (tmp_path / "in").mkdir()
+    pq.write_table(table, tmp_path / "in" / "part-0.parquet")
+    spec = make_spec(
+        str(tmp_path / "in"),
+        str(tmp_path / "out"),
+        input={
+            "uri": str(tmp_path / "in"),
+            "format": "parquet",
+            "imageColumn": "image_bytes",
+            "keyColumn": "product_id",
+        },
+    )
+    result = run_local(spec, on_progress=None)
+    rows = {r["key"]: r for r in read_predictions(str(tmp_path / "out")).to_pylist()}
+    assert sorted(rows) == ["sku-0", "sku-1", "sku-2", "sku-3"]
+    assert rows["sku-3"]["error"].startswith("decode: ") and result.failed == 1
+    assert all(rows[f"sku-{i}"]["label"] in {"tabby", "tiger cat", "Egyptian cat"} for i in range(3))
