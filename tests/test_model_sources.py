@@ -86,3 +86,10 @@ def test_parquet_input_with_image_bytes_and_key_column(tmp_path: Path, photo_dir
     assert sorted(rows) == ["sku-0", "sku-1", "sku-2", "sku-3"]
     assert rows["sku-3"]["error"].startswith("decode: ") and result.failed == 1
     assert all(rows[f"sku-{i}"]["label"] in {"tabby", "tiger cat", "Egyptian cat"} for i in range(3))
+
+
+def test_random_weights_survive_the_trip_to_the_actors() -> None:
+    spec = make_spec("in", "out", model={"torchvision": {"name": "resnet18", "weights": "NONE"}})
+    shipped = ModelSpec.model_validate(spec.model.model_dump(mode="json", exclude_none=True))
+    assert shipped.torchvision.weights == "NONE"
+    assert load_model(shipped).categories[0] == "tench"  # built offline, no zoo download

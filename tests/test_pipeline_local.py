@@ -57,6 +57,7 @@ def test_one_row_per_input_and_manifest_agrees(lite_run, photo_dir: Path) -> Non
     assert manifest["counts"] == {"total": len(inputs), "succeeded": len(inputs) - 2, "failed": 2}
     assert sum(s["rows"] for s in manifest["shards"]) == len(rows)
     assert sorted(s["file"] for s in manifest["shards"]) == sorted(p.name for p in out.glob("*.parquet"))
+    assert sorted(p.stem for p in (out / "_shards").glob("*.json")) == sorted(p.stem for p in out.glob("*.parquet"))
     assert result.total == len(inputs) and result.failed == 2
 
 

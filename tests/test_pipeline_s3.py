@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from batchinfer_job.commit import SUCCESS_FILE
+from batchinfer_job.commit import SUCCESS_FILE, read_dead_letters
 from batchinfer_job.local import run_local
 from tests.conftest import BROKEN
 from tests.helpers import make_spec
@@ -27,7 +27,8 @@ def test_s3_to_s3_round_trip(s3, bucket: str, photo_dir: Path) -> None:
     result = run_local(make_spec(f"s3://{bucket}/inputs", f"s3://{bucket}/outputs"), on_progress=None)
 
     listing = s3.list_objects_v2(Bucket=bucket, Prefix="outputs/")["Contents"]
-    shard_keys = [o["Key"] for o in listing if o["Key"].endswith(".parquet")]
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"outputs/{SUCCESS_FILE}")["Body"].read())
+    shard_keys = [f"outputs/{s['file']}" for s in manifest["shards"]]
     rows = []
     for key in shard_keys:
         rows += pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read())).to_pylist()
@@ -40,10 +41,14 @@ def test_s3_to_s3_round_trip(s3, bucket: str, photo_dir: Path) -> None:
         else:
             assert row["error"] is None and row["label"] and len(row["top_k_scores"]) == 3
 
-    manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"outputs/{SUCCESS_FILE}")["Body"].read())
     assert manifest["counts"] == {"total": len(uploaded), "succeeded": len(uploaded) - 2, "failed": 2}
-    assert sorted(f"outputs/{s['file']}" for s in manifest["shards"]) == sorted(shard_keys)
     assert result.failed == 2
+    written = {o["Key"] for o in listing}
+    assert set(shard_keys) <= written
+    assert all(f"outputs/_shards/{s['file'].removesuffix('.parquet')}.json" in written for s in manifest["shards"])
     # _SUCCESS.json is written last.
     modified = {o["Key"]: o["LastModified"] for o in listing}
     assert modified[f"outputs/{SUCCESS_FILE}"] >= max(modified[k] for k in shard_keys)
+    dead = read_dead_letters(f"s3://{bucket}/outputs").to_pylist()
+    assert sorted(d["key"].rsplit("/", 1)[-1] for d in dead) == sorted(BROKEN)
+    assert {d["stage"] for d in dead} == {"decode"}

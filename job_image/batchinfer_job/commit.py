@@ -1,21 +1,37 @@
-"""Output commit: prediction shards written one by one, then `_SUCCESS.json` last.
+"""Output commit protocol: exactly-once predictions on storage without rename.
 
-Readers follow `_SUCCESS.json` (or read `*.parquet`: pyarrow skips `_`-prefixed names). The manifest lists
-every shard with its row counts, so it can be checked against the data.
+Layout under `output.uri`:
+- `part-<run>-<seq>.parquet`  prediction shards (a run is one attempt);
+- `_errors/part-<run>-<seq>.parquet`  dead letters of that shard (key, stage, error_type, message);
+- `_shards/part-<run>-<seq>.json`  the shard's commit record, written *after* its data: a data file without
+  one is an unfinished write and is never read;
+- `_job.json`  which job the output belongs to (a fingerprint of model, input and output settings), so a
+  retried or rerun attempt of the same job resumes instead of starting over;
+- `_SUCCESS.json`  written last: counts and the list of shards in which every input key appears exactly
+  once. When attempts overlapped, a shard that repeats keys is rewritten without them first.
+
+Readers follow `_SUCCESS.json` (`read_committed`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchinfer_job import storage
-from batchinfer_job.outputs import PREDICTION_SCHEMA
+from batchinfer_job.outputs import DEAD_LETTER_SCHEMA, PREDICTION_SCHEMA, dead_letters
+from batchinfer_job.spec import BatchInferenceSpec
 
 SUCCESS_FILE = "_SUCCESS.json"
+JOB_FILE = "_job.json"
+SHARDS_DIR = "_shards"
+ERRORS_DIR = "_errors"
 
 
 class OutputExistsError(FileExistsError):
@@ -27,42 +43,133 @@ class Shard:
     file: str
     rows: int
     failed: int
+    supersedes: str | None = None  # a shard rewritten without repeated keys replaces the original
+
+    @property
+    def name(self) -> str:
+        return self.file.removesuffix(".parquet")
+
+
+def job_fingerprint(spec: BatchInferenceSpec) -> str:
+    """Identity of a job's output: the same fingerprint means a later attempt may resume it."""
+    identity = {
+        "model": spec.model.model_dump(mode="json"),
+        "input": spec.input.model_dump(mode="json"),
+        "output": spec.output.model_dump(mode="json", exclude={"mode"}),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
-class ShardWriter:
-    """Writes prediction tables as numbered Parquet shards under the output location."""
+class OutputStore:
+    """One output location and the commit protocol on it."""
 
-    output: storage.Location
-    run_id: str
-    shards: list[Shard] = field(default_factory=list)
+    location: storage.Location
 
-    def write(self, table: pa.Table) -> Shard:
-        name = f"part-{self.run_id}-{len(self.shards):05d}.parquet"
-        pq.write_table(table.cast(PREDICTION_SCHEMA), self.output.child(name).path, filesystem=self.output.arrow_fs)
-        shard = Shard(
-            file=name, rows=table.num_rows, failed=table.num_rows - pc.sum(pc.is_null(table["error"])).as_py()
-        )
-        self.shards.append(shard)
+    def _exists(self, name: str) -> bool:
+        return self.location.fs.exists(self.location.child(name).path)
+
+    def prepare(self, mode: str, fingerprint: str) -> list[Shard]:
+        """Get the output ready; returns shards already committed by earlier attempts of this job.
+
+        A finished output (`_SUCCESS.json`) or foreign data is refused (error_if_exists) or cleared
+        (overwrite); an unfinished output of the same job is resumed in either mode.
+        """
+        resumable = not self._exists(SUCCESS_FILE) and self._exists(JOB_FILE)
+        if resumable and storage.read_json(self.location.child(JOB_FILE)).get("fingerprint") == fingerprint:
+            return self.committed_shards()
+        if storage.has_data(self.location):
+            if mode != "overwrite":
+                raise OutputExistsError(
+                    f"output.uri {self.location.uri!r} already holds data; set output.mode: overwrite to replace "
+                    "it, or choose another output.uri"
+                )
+            storage.remove_tree(self.location)
+        storage.ensure_folder(self.location)
+        storage.write_json(self.location.child(JOB_FILE), {"fingerprint": fingerprint})
+        return []
+
+    def committed_shards(self) -> list[Shard]:
+        """Every shard with a commit record, sorted by name (attempt, then sequence)."""
+        folder = self.location.child(SHARDS_DIR)
+        if not self.location.fs.exists(folder.path):
+            return []
+        records = sorted(p for p in self.location.fs.find(folder.path) if p.endswith(".json"))
+        shards = []
+        for path in records:
+            with self.location.fs.open(path, "rb") as handle:
+                shards.append(Shard(**json.loads(handle.read())))
+        replaced = {s.supersedes for s in shards if s.supersedes}
+        return [s for s in shards if s.file not in replaced]
+
+    def keys_of(self, shard: Shard) -> list[str]:
+        table = pq.read_table(self.location.child(shard.file).path, columns=["key"], filesystem=self.location.arrow_fs)
+        return table["key"].to_pylist()
+
+    def committed_keys(self, shards: list[Shard]) -> set[str]:
+        return {key for shard in shards for key in self.keys_of(shard)}
+
+    def write_shard(self, name: str, table: pa.Table, supersedes: str | None = None) -> Shard:
+        """Data, then dead letters, then the commit record: a crash in between leaves no committed shard."""
+        table = table.cast(PREDICTION_SCHEMA)
+        fs = self.location.arrow_fs
+        pq.write_table(table, self.location.child(f"{name}.parquet").path, filesystem=fs)
+        failed = table.num_rows - pc.sum(pc.is_null(table["error"])).as_py()
+        if failed:
+            self._ensure(ERRORS_DIR)
+            pq.write_table(dead_letters(table), self.location.child(f"{ERRORS_DIR}/{name}.parquet").path, filesystem=fs)
+        shard = Shard(file=f"{name}.parquet", rows=table.num_rows, failed=failed, supersedes=supersedes)
+        self._ensure(SHARDS_DIR)
+        storage.write_json(self.location.child(f"{SHARDS_DIR}/{name}.json"), asdict(shard))
         return shard
 
+    def _ensure(self, folder: str) -> None:
+        storage.ensure_folder(self.location.child(folder))
 
-def prepare_output(output: storage.Location, mode: str) -> None:
-    """Refuse or clear existing output before any work starts."""
-    if storage.has_data(output):
-        if mode != "overwrite":
-            raise OutputExistsError(
-                f"output.uri {output.uri!r} already holds data; set output.mode: overwrite to replace it, "
-                "or choose another output.uri"
-            )
-        storage.remove_tree(output)
-    storage.ensure_folder(output)
+    def exactly_once(self, run_id: str) -> list[Shard]:
+        """Committed shards chosen so that each key appears once; overlapping shards rewritten without repeats."""
+        chosen: list[Shard] = []
+        seen: set[str] = set()
+        for shard in self.committed_shards():
+            keys = self.keys_of(shard)
+            repeated = [k in seen for k in keys]
+            if not any(repeated):
+                chosen.append(shard)
+            elif not all(repeated):
+                table = pq.read_table(self.location.child(shard.file).path, filesystem=self.location.arrow_fs)
+                keep = pa.array([not r for r in repeated])
+                rewritten = self.write_shard(f"{shard.name}-dedup-{run_id}", table.filter(keep), supersedes=shard.file)
+                chosen.append(rewritten)
+            seen.update(keys)
+        return chosen
+
+    def write_success(self, manifest: dict[str, Any]) -> None:
+        storage.write_json(self.location.child(SUCCESS_FILE), manifest)
 
 
-def write_success(output: storage.Location, manifest: dict) -> None:
-    """Write the manifest; it comes last, after every shard."""
-    storage.write_json(output.child(SUCCESS_FILE), manifest)
-
-
-def shards_payload(shards: list[Shard]) -> list[dict]:
+def shards_payload(shards: list[Shard]) -> list[dict[str, Any]]:
     return [asdict(s) for s in shards]
+
+
+def read_committed(output_uri: str, columns: list[str] | None = None) -> pa.Table:
+    """The predictions `_SUCCESS.json` lists: each input key exactly once."""
+    location = storage.resolve(output_uri)
+    manifest = storage.read_json(location.child(SUCCESS_FILE))
+    tables = [
+        pq.read_table(location.child(shard["file"]).path, columns=columns, filesystem=location.arrow_fs)
+        for shard in manifest["shards"]
+    ]
+    schema = PREDICTION_SCHEMA if columns is None else pa.schema([PREDICTION_SCHEMA.field(c) for c in columns])
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def read_dead_letters(output_uri: str) -> pa.Table:
+    """Every dead-letter row of the committed shards."""
+    location = storage.resolve(output_uri)
+    manifest = storage.read_json(location.child(SUCCESS_FILE))
+    tables = []
+    for shard in manifest["shards"]:
+        path = location.child(f"{ERRORS_DIR}/{shard['file']}").path
+        if shard["failed"]:
+            tables.append(pq.read_table(path, filesystem=location.arrow_fs))
+    return pa.concat_tables(tables) if tables else DEAD_LETTER_SCHEMA.empty_table()

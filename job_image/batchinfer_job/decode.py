@@ -43,7 +43,9 @@ def _error(stage: str, err: BaseException) -> str:
     return f"{stage}: {type(err).__name__}: {err}"
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, preprocess: Preprocess) -> dict[str, Any]:
+def decode_batch(
+    batch: dict[str, np.ndarray], *, preprocess: Preprocess, max_bytes: int | None = None
+) -> dict[str, Any]:
     """Read (when rows carry `uri`) and decode a batch.
 
     In: `key` and either `uri` (any supported storage) or `bytes`.
@@ -56,12 +58,15 @@ def decode_batch(batch: dict[str, np.ndarray], *, preprocess: Preprocess) -> dic
     errors: list[str] = [""] * count
     for i in range(count):
         try:
-            data = storage.read_uri(batch["uri"][i]) if "uri" in batch else batch["bytes"][i]
+            data = storage.read_uri(batch["uri"][i], max_bytes) if "uri" in batch else batch["bytes"][i]
         except OSError as err:
             errors[i] = _error("read", err)
             continue
         if data is None:
             errors[i] = "read: empty image column"
+            continue
+        if max_bytes is not None and len(data) > max_bytes:
+            errors[i] = _error("read", storage.TooLargeError(f"{len(data)} bytes > input.maxImageBytes {max_bytes}"))
             continue
         try:
             images[i] = decode_image(bytes(data), preprocess)

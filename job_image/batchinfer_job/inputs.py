@@ -25,9 +25,15 @@ class InputError(ValueError):
 
 @dataclass
 class InputSource:
-    dataset: ray.data.Dataset
+    """The inputs still to process (`dataset`, `total`) and every input of the job (`all_keys`)."""
+
+    dataset: ray.data.Dataset | None
     total: int
-    keys: list[str]
+    all_keys: list[str]
+
+    @property
+    def all_total(self) -> int:
+        return len(self.all_keys)
 
 
 def _blocks(count: int) -> int:
@@ -73,8 +79,8 @@ def _parquet_table(spec: InputSpec) -> pa.Table:
     return table
 
 
-def open_source(spec: InputSpec) -> InputSource:
-    """The input rows as a Ray Dataset split into small blocks (so work streams and spreads)."""
+def open_source(spec: InputSpec, skip: set[str] | None = None) -> InputSource:
+    """The input rows not in `skip` as a Ray Dataset split into small blocks (so work streams and spreads)."""
     table = _image_table(spec) if spec.format == "images" else _parquet_table(spec)
     if table.num_rows == 0:
         raise InputError(f"input.uri {spec.uri!r} holds no inputs of format {spec.format!r}")
@@ -82,7 +88,11 @@ def open_source(spec: InputSpec) -> InputSource:
     duplicates = len(keys) - len(set(keys))
     if duplicates:
         raise InputError(f"{duplicates} duplicate input keys; give input.keyColumn a unique column")
+    if skip:
+        table = table.filter(pa.array([key not in skip for key in keys]))
+    if table.num_rows == 0:
+        return InputSource(dataset=None, total=0, all_keys=keys)
     blocks = _blocks(table.num_rows)
     size = math.ceil(table.num_rows / blocks)
     dataset = ray.data.from_arrow([table.slice(i * size, size) for i in range(blocks)])
-    return InputSource(dataset=dataset, total=table.num_rows, keys=keys)
+    return InputSource(dataset=dataset, total=table.num_rows, all_keys=keys)

@@ -80,8 +80,9 @@ def summary_lines(result: RunResult, top: int = 8) -> list[str]:
         f"rows:        {result.total}",
         f"succeeded:   {result.succeeded}",
         f"errors:      {result.failed}",
+        f"resumed:     {result.resumed} (committed by an earlier attempt)",
         f"wall time:   {result.seconds:.1f} s",
-        f"throughput:  {result.rows_per_second:.1f} rows/s",
+        f"throughput:  {result.rows_per_second:.1f} rows/s ({result.processed} rows this run)",
         f"output:      {result.output_uri} (manifest: _SUCCESS.json)",
         "top labels:",
     ]

@@ -31,8 +31,11 @@ class LoadedModel:
     categories: list[str]
 
 
-def _torchvision_weights(name: str, weights: str | None) -> tvm.WeightsEnum | None:
-    if weights is None:
+NO_WEIGHTS = "NONE"
+
+
+def _torchvision_weights(name: str, weights: str) -> tvm.WeightsEnum | None:
+    if weights == NO_WEIGHTS:
         return None
     try:
         enum = tvm.get_model_weights(name)
@@ -43,7 +46,7 @@ def _torchvision_weights(name: str, weights: str | None) -> tvm.WeightsEnum | No
     try:
         return enum[weights]
     except KeyError:
-        known = ", ".join(["DEFAULT", *enum.__members__])
+        known = ", ".join(["DEFAULT", NO_WEIGHTS, *enum.__members__])
         raise ModelLoadError(f"model.torchvision.weights {weights!r} unknown for {name}; use one of {known}") from None
 
 

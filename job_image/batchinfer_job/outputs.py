@@ -21,6 +21,36 @@ PREDICTION_SCHEMA = pa.schema(
 )
 
 
+DEAD_LETTER_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("stage", pa.string()),
+        pa.field("error_type", pa.string()),
+        pa.field("message", pa.string()),
+    ]
+)
+
+
+def split_error(error: str) -> tuple[str, str, str]:
+    """`stage: Type: message` → (stage, Type, message); errors without a type get an empty one."""
+    stage, _, rest = error.partition(": ")
+    kind, sep, message = rest.partition(": ")
+    if not sep or " " in kind:
+        return stage, "", rest
+    return stage, kind, message
+
+
+def dead_letters(table: pa.Table) -> pa.Table:
+    """The error rows of a prediction table, one structured row each."""
+    rows = [
+        (k, *split_error(e)) for k, e in zip(table["key"].to_pylist(), table["error"].to_pylist(), strict=True) if e
+    ]
+    columns = list(zip(*rows, strict=True)) if rows else [[], [], [], []]
+    return pa.Table.from_arrays(
+        [pa.array(c, type=f.type) for c, f in zip(columns, DEAD_LETTER_SCHEMA, strict=True)], schema=DEAD_LETTER_SCHEMA
+    )
+
+
 def prediction_table(
     keys: Sequence[str],
     errors: Sequence[str | None],

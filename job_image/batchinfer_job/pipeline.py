@@ -1,15 +1,19 @@
 """The inference pipeline: inputs → decode (CPU tasks) → predict (actor pool) → shards → `_SUCCESS.json`.
 
-Predictions stream back to the driver, which writes them as shards: rows are small (a key, classes,
-scores), so the driver sees every row once, counts progress exactly, and commits output in order.
+Predictions stream back to the driver, which commits them as shards (see `commit`): rows are small (a key,
+classes, scores), so the driver sees every row once, counts progress exactly, enforces the error policy
+and the stall timeout, and commits output in order. Inputs already committed by an earlier attempt of the
+same job are skipped.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -21,18 +25,32 @@ from batchinfer_job.decode import decode_batch
 from batchinfer_job.models import preprocess_for
 from batchinfer_job.predictor import PredictorConfig, TorchPredictor
 from batchinfer_job.progress import ProgressReport
-from batchinfer_job.spec import BatchInferenceSpec
+from batchinfer_job.spec import BatchInferenceSpec, ErrorPolicySpec
 
-SHARD_ROWS = 1024
 SHARD_SECONDS = 20.0
-DECODE_TASK_RETRIES = 3
+_DECODE_BYTES_PER_IMAGE = 4 * 2**20  # a large photo decoded at full size, its bytes and its crop
+_DECODE_BASE_BYTES = 256 * 2**20  # the task's interpreter, PIL and torchvision
+
+
+def decode_task_memory(batch_size: int) -> int:
+    return _DECODE_BASE_BYTES + batch_size * _DECODE_BYTES_PER_IMAGE
+
+
+class ErrorThresholdExceededError(RuntimeError):
+    """More rows failed than errorPolicy allows; the job stops without `_SUCCESS.json`."""
+
+
+class StallError(TimeoutError):
+    """No row was committed for timeouts.stallSeconds."""
 
 
 @dataclass
 class RunResult:
-    total: int
+    total: int  # every input of the job
     succeeded: int
     failed: int
+    resumed: int  # rows committed by earlier attempts and skipped by this one
+    processed: int  # rows this attempt predicted and committed
     seconds: float
     output_uri: str
     manifest: dict
@@ -40,7 +58,7 @@ class RunResult:
 
     @property
     def rows_per_second(self) -> float:
-        return self.total / self.seconds if self.seconds > 0 else 0.0
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
 
 
 def default_batch_size(spec: BatchInferenceSpec) -> int:
@@ -55,21 +73,23 @@ def build_dataset(spec: BatchInferenceSpec, source: inputs.InputSource) -> ray.d
     batch_size = default_batch_size(spec)
     decoded = source.dataset.map_batches(
         decode_batch,
-        fn_kwargs={"preprocess": preprocess_for(spec.model)},
+        fn_kwargs={"preprocess": preprocess_for(spec.model), "max_bytes": spec.input.maxImageBytes},
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=compute.preprocessCpus,
-        # Decode is idempotent: retry a lost task a bounded number of times. Remote args that differ from
-        # the actor's also keep Ray from fusing decode into the model actor, so decode runs in its own CPU
-        # tasks, overlapping the model instead of taking turns with it.
-        max_retries=DECODE_TASK_RETRIES,
+        # What a decode task holds: encoded and full-size decoded images plus the fixed-size output. Declared
+        # resources that differ from the actor's also keep Ray from fusing decode into the model actor, so
+        # decode runs in its own CPU tasks, overlapping the model instead of taking turns with it.
+        memory=decode_task_memory(batch_size),
     )
     config = PredictorConfig(
         model=spec.model.model_dump(mode="json", exclude_none=True),
         top_k=spec.output.topK,
         device=compute.device,
         precision=compute.precision,
-        threads=max(1, int(compute.cpusPerActor)),
+        threads=compute.torchThreads or max(1, int(compute.cpusPerActor)),
+        optimize=compute.optimize,
+        batch_timeout=spec.timeouts.perBatchSeconds,
     )
     return decoded.map_batches(
         TorchPredictor,
@@ -82,65 +102,136 @@ def build_dataset(spec: BatchInferenceSpec, source: inputs.InputSource) -> ray.d
     )
 
 
+def check_error_policy(policy: ErrorPolicySpec, failed: int, total: int) -> None:
+    """Raise once the error rows so far cross a threshold (failed only grows, so crossing is final)."""
+    if policy.maxFailedRecords is not None and failed > policy.maxFailedRecords:
+        raise ErrorThresholdExceededError(
+            f"{failed} error rows exceed errorPolicy.maxFailedRecords={policy.maxFailedRecords} "
+            f"({failed} of {total} inputs failed so far); see <output>/_errors/"
+        )
+    if policy.maxFailedPercent is not None and total and 100.0 * failed / total > policy.maxFailedPercent:
+        raise ErrorThresholdExceededError(
+            f"{failed} error rows ({100.0 * failed / total:.2f}% of {total} inputs) exceed "
+            f"errorPolicy.maxFailedPercent={policy.maxFailedPercent:g}; see <output>/_errors/"
+        )
+
+
+def stream_tables(dataset: ray.data.Dataset, stall_seconds: float | None) -> Iterator[pa.Table]:
+    """Prediction tables as they come; StallError when none arrives within `stall_seconds`."""
+    if stall_seconds is None:
+        yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
+        return
+    items: queue.Queue = queue.Queue(maxsize=8)
+    done = object()
+
+    def pump() -> None:
+        try:
+            for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                items.put(table)
+        except BaseException as err:  # handed to the consuming thread and re-raised there
+            items.put(err)
+        items.put(done)
+
+    threading.Thread(target=pump, daemon=True, name="prediction-stream").start()
+    while True:
+        try:
+            item = items.get(timeout=stall_seconds)
+        except queue.Empty:
+            raise StallError(
+                f"no prediction for {stall_seconds:g} s (timeouts.stallSeconds): a model call or a worker hangs"
+            ) from None
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def run_pipeline(spec: BatchInferenceSpec, on_progress: Callable[[ProgressReport], None] | None = None) -> RunResult:
-    """Run one BatchInference to completion; raises on anything that is not a per-row error."""
+    """Run (or resume) one BatchInference to completion; raises on anything that is not a per-row error."""
     started_at = datetime.now(UTC)
     start = time.monotonic()
-    output = storage.resolve(spec.output.uri)
-    commit.prepare_output(output, spec.output.mode)
-    source = inputs.open_source(spec.input)
-    writer = commit.ShardWriter(output, run_id=uuid.uuid4().hex[:8])
+    store = commit.OutputStore(storage.resolve(spec.output.uri))
+    earlier = store.prepare(spec.output.mode, commit.job_fingerprint(spec))
+    done_keys = store.committed_keys(earlier)
+    source = inputs.open_source(spec.input, skip=done_keys)
+    run_id = uuid.uuid4().hex[:8]
+    counts = {"rows": sum(s.rows for s in earlier), "failed": sum(s.failed for s in earlier), "this_run": 0}
     labels: Counter = Counter()
     pending: list[pa.Table] = []
-    pending_rows, last_flush = 0, time.monotonic()
+    last_flush = time.monotonic()
+
+    def report() -> ProgressReport:
+        return ProgressReport(counts["rows"], counts["failed"], source.all_total, time.monotonic() - start)
 
     def flush() -> None:
-        nonlocal pending, pending_rows, last_flush
+        nonlocal pending, last_flush
         if pending:
-            writer.write(pa.concat_tables(pending))
-        pending, pending_rows, last_flush = [], 0, time.monotonic()
+            shard = store.write_shard(f"part-{run_id}-{counts['this_run']:09d}", pa.concat_tables(pending))
+            counts["rows"] += shard.rows
+            counts["failed"] += shard.failed
+            counts["this_run"] += shard.rows
+        pending, last_flush = [], time.monotonic()
         if on_progress:
-            on_progress(_progress(writer.shards, source.total, time.monotonic() - start))
+            on_progress(report())
+        check_error_policy(spec.errorPolicy, counts["failed"], source.all_total)
 
-    for table in build_dataset(spec, source).iter_batches(batch_format="pyarrow", batch_size=None):
-        pending.append(table)
-        pending_rows += table.num_rows
-        labels.update(label for label in table["label"].to_pylist() if label is not None)
-        if pending_rows >= SHARD_ROWS or time.monotonic() - last_flush >= SHARD_SECONDS:
-            flush()
+    check_error_policy(spec.errorPolicy, counts["failed"], source.all_total)
+    if source.total:
+        pending_rows = 0
+        for table in stream_tables(build_dataset(spec, source), spec.timeouts.stallSeconds):
+            pending.append(table)
+            pending_rows += table.num_rows
+            labels.update(label for label in table["label"].to_pylist() if label is not None)
+            if pending_rows >= spec.output.shardRows or time.monotonic() - last_flush >= SHARD_SECONDS:
+                flush()
+                pending_rows = 0
     flush()
-    seconds = time.monotonic() - start
-    report = _progress(writer.shards, source.total, seconds)
-    if report.processed != source.total:
-        raise RuntimeError(f"wrote {report.processed} rows for {source.total} inputs; output is incomplete")
+    return finish(spec, store, source, run_id, started_at, time.monotonic() - start, counts["this_run"], labels)
+
+
+def finish(
+    spec: BatchInferenceSpec,
+    store: commit.OutputStore,
+    source: inputs.InputSource,
+    run_id: str,
+    started_at: datetime,
+    seconds: float,
+    processed: int,
+    labels: Counter,
+) -> RunResult:
+    """Choose an exactly-once set of committed shards, check it covers every input, write `_SUCCESS.json`."""
+    shards = store.exactly_once(run_id)
+    committed = [key for shard in shards for key in store.keys_of(shard)]
+    missing = set(source.all_keys) - set(committed)
+    if missing or len(committed) != len(set(committed)):
+        raise RuntimeError(
+            f"committed output does not cover the inputs exactly once: {len(missing)} missing, "
+            f"{len(committed) - len(set(committed))} repeated; rerun to resume"
+        )
+    total, failed = len(committed), sum(s.failed for s in shards)
     manifest = {
         "apiVersion": "batchinfer.dev/v1alpha1",
         "model": spec.model.describe(),
         "input": spec.input.uri,
         "output": spec.output.uri,
-        "counts": {"total": source.total, "succeeded": source.total - report.failed, "failed": report.failed},
-        "shards": commit.shards_payload(writer.shards),
+        "counts": {"total": total, "succeeded": total - failed, "failed": failed},
+        "attempt": {"run": run_id, "processed": processed, "resumed": source.all_total - source.total},
+        "shards": commit.shards_payload(shards),
         "startTime": started_at.isoformat(),
         "endTime": datetime.now(UTC).isoformat(),
         "seconds": round(seconds, 3),
-        "rowsPerSecond": round(source.total / seconds, 3) if seconds else None,
+        "rowsPerSecond": round(processed / seconds, 3) if seconds else None,
     }
-    commit.write_success(output, manifest)
+    store.write_success(manifest)
     return RunResult(
-        total=source.total,
-        succeeded=source.total - report.failed,
-        failed=report.failed,
+        total=total,
+        succeeded=total - failed,
+        failed=failed,
+        resumed=source.all_total - source.total,
+        processed=processed,
         seconds=seconds,
         output_uri=spec.output.uri,
         manifest=manifest,
         label_counts=labels,
-    )
-
-
-def _progress(shards: list[commit.Shard], total: int, seconds: float) -> ProgressReport:
-    return ProgressReport(
-        processed=sum(s.rows for s in shards),
-        failed=sum(s.failed for s in shards),
-        total=total,
-        seconds=seconds,
     )

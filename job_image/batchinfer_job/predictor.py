@@ -8,6 +8,8 @@ are isolated by splitting the batch, so one poisoned row costs only itself.
 from __future__ import annotations
 
 import importlib
+import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,7 @@ from batchinfer_job.models import load_model, preprocess_for
 from batchinfer_job.outputs import prediction_table
 from batchinfer_job.spec import ModelSpec
 
+log = logging.getLogger("batchinfer.predictor")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -33,6 +36,8 @@ class PredictorConfig:
     device: str = "auto"
     precision: str = "auto"
     threads: int = 1
+    optimize: str = "auto"
+    batch_timeout: float | None = None  # timeouts.perBatchSeconds
 
 
 def pick_device(requested: str) -> torch.device:
@@ -49,6 +54,58 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+class BatchTimeoutError(TimeoutError):
+    """A model call ran past timeouts.perBatchSeconds."""
+
+
+def call_with_timeout(fn: Callable[[], Any], seconds: float | None) -> Any:
+    """Run `fn`, giving up after `seconds`.
+
+    A Python thread cannot be killed: a call that hangs keeps its thread, and the caller moves on (the batch
+    is split and retried). If calls keep hanging, timeouts.stallSeconds fails the job.
+    """
+    if seconds is None:
+        return fn()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # handed to the calling thread and re-raised there
+            box["error"] = err
+
+    worker = threading.Thread(target=target, daemon=True, name="model-call")
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise BatchTimeoutError(f"model call exceeded timeouts.perBatchSeconds={seconds:g}")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def optimize_model(
+    model: torch.nn.Module, mode: str, device: torch.device, dtype: torch.dtype, example: torch.Tensor
+) -> tuple[Any, str]:
+    """Apply compute.optimize; returns the callable model and the mode actually used.
+
+    A model that cannot be traced falls back to eager, with a warning naming why.
+    """
+    if mode == "auto":
+        mode = "torchscript" if device.type == "cpu" and dtype == torch.float32 else "eager"
+    if mode == "compile":
+        return torch.compile(model), mode
+    if mode == "torchscript":
+        try:
+            autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+            with torch.inference_mode(), autocast:
+                traced = torch.jit.trace(model, example, check_trace=False)
+                return torch.jit.optimize_for_inference(torch.jit.freeze(traced)), mode
+        except (RuntimeError, TypeError, ValueError) as err:
+            log.warning("torchscript_failed falling_back=eager error=%r", err)
+    return model, "eager"
+
+
 class TorchPredictor:
     """Ray Data callable class: `__init__` loads once per actor, `__call__` predicts one batch."""
 
@@ -58,15 +115,25 @@ class TorchPredictor:
         self.top_k = config.top_k
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.precision, self.device)
+        self.batch_timeout = config.batch_timeout
         self.user_predictor: Callable[[dict[str, np.ndarray]], dict[str, Any]] | None = None
+        self.categories: list[str] = []
         if spec.predictor is not None:
             module_name, class_name = spec.predictor.split(":")
             self.user_predictor = getattr(importlib.import_module(module_name), class_name)()
             return
         loaded = load_model(spec)
         self.categories = loaded.categories
-        self.model = loaded.module.to(self.device, memory_format=torch.channels_last).eval()
         pre = preprocess_for(spec)
+        self.model, self.optimized = optimize_model(
+            loaded.module.to(self.device, memory_format=torch.channels_last).eval(),
+            config.optimize,
+            self.device,
+            self.dtype,
+            example=torch.zeros(2, 3, pre.crop, pre.crop, device=self.device).contiguous(
+                memory_format=torch.channels_last
+            ),
+        )
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor([m * 255 for m in pre.mean], device=self.device).view(shape)
         self.std = torch.tensor([s * 255 for s in pre.std], device=self.device).view(shape)
@@ -74,52 +141,65 @@ class TorchPredictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         keys = [str(k) for k in batch["key"]]
         errors = [error_or_none(e) for e in batch["error"]]
-        ok = [i for i, e in enumerate(errors) if e is None]
         images = batch["image"]
-        if self.user_predictor is not None:
-            return self._call_user(keys, errors, images)
-        results = self._predict_isolating(images, ok, errors)
+        ok = [i for i, e in enumerate(errors) if e is None]
+        results = self._predict_isolating(keys, images, ok, errors)
         ok_after = [i for i in ok if errors[i] is None]
-        classes = np.stack([results[i][0] for i in ok_after]) if ok_after else np.zeros((0, self.top_k), int)
-        scores = np.stack([results[i][1] for i in ok_after]) if ok_after else np.zeros((0, self.top_k))
+        width = len(next(iter(results.values()))[0]) if results else self.top_k
+        classes = np.stack([results[i][0] for i in ok_after]) if ok_after else np.zeros((0, width), np.int32)
+        scores = np.stack([results[i][1] for i in ok_after]) if ok_after else np.zeros((0, width), np.float32)
         return prediction_table(keys, errors, classes, scores, self.categories)
 
     def _predict_isolating(
-        self, images: np.ndarray, rows: list[int], errors: list[str | None]
+        self, keys: list[str], images: np.ndarray, rows: list[int], errors: list[str | None]
     ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """Predict `rows`; on failure split in halves until the failing rows are single, then mark them."""
+        """Predict `rows`; on failure split in halves until the failing rows are single, then mark them.
+
+        One poisoned row costs only itself: log2(batch) extra calls for the halves that contain it.
+        """
         if not rows:
             return {}
         try:
-            classes, scores = self.predict_uint8(images[rows])
-        except (RuntimeError, ValueError, TypeError) as err:
+            classes, scores = call_with_timeout(
+                lambda: self._predict_rows([keys[i] for i in rows], images[rows]), self.batch_timeout
+            )
+        except (RuntimeError, ValueError, TypeError, BatchTimeoutError) as err:
             if len(rows) == 1:
                 errors[rows[0]] = f"predict: {type(err).__name__}: {err}"
                 return {}
             half = len(rows) // 2
-            left = self._predict_isolating(images, rows[:half], errors)
-            return {**left, **self._predict_isolating(images, rows[half:], errors)}
+            left = self._predict_isolating(keys, images, rows[:half], errors)
+            return {**left, **self._predict_isolating(keys, images, rows[half:], errors)}
         return {row: (classes[j], scores[j]) for j, row in enumerate(rows)}
 
-    @torch.inference_mode()
+    def _predict_rows(self, keys: list[str], images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.user_predictor is None:
+            return self.predict_uint8(images)
+        out = self.user_predictor({"key": np.asarray(keys, dtype=object), "image": images})
+        classes, scores = np.asarray(out["top_k_classes"]), np.asarray(out["top_k_scores"])
+        if classes.shape[0] != len(keys) or scores.shape != classes.shape:
+            raise ValueError(f"user predictor returned {classes.shape}/{scores.shape} for {len(keys)} rows")
+        if "categories" in out:
+            self.categories = list(out["categories"])
+        elif len(self.categories) <= int(classes.max(initial=0)):
+            self.categories = [f"class_{i}" for i in range(int(classes.max(initial=0)) + 1)]
+        return classes, scores
+
     def predict_uint8(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 NHWC → (top-k classes, top-k probabilities), both (N, k)."""
+        """uint8 NHWC on the host → (top-k classes, top-k probabilities), both (N, k)."""
         tensor = torch.from_numpy(np.ascontiguousarray(images))
         if self.device.type == "cuda":
             tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-        x = tensor.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
+        classes, scores = self.predict_tensor(tensor)
+        return classes.cpu().numpy(), scores.cpu().numpy()
+
+    @torch.inference_mode()
+    def predict_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 NHWC already on the model's device → top-k classes (int32) and probabilities, on device."""
+        x = images.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             logits = self.model(x)
         probs = logits.float().softmax(dim=-1)
         scores, classes = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1)
-        return classes.to(torch.int32).cpu().numpy(), scores.cpu().numpy()
-
-    def _call_user(self, keys: list[str], errors: list[str | None], images: np.ndarray) -> pa.Table:
-        """A user predictor gets the decodable rows and returns `top_k_classes`/`top_k_scores` (+ labels)."""
-        ok = [i for i, e in enumerate(errors) if e is None]
-        out = self.user_predictor({"key": np.asarray([keys[i] for i in ok]), "image": images[ok]}) if ok else {}
-        classes = np.asarray(out.get("top_k_classes", np.zeros((0, 1), int)))
-        scores = np.asarray(out.get("top_k_scores", np.zeros((0, 1))))
-        categories = list(out.get("categories", [f"class_{i}" for i in range(int(classes.max(initial=0)) + 1)]))
-        return prediction_table(keys, errors, classes, scores, categories)
+        return classes.to(torch.int32), scores

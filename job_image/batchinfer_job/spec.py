@@ -51,11 +51,12 @@ class TorchvisionModel(_Model):
         max_length=64,
         pattern=r"^[a-z][a-z0-9_]*$",
     )
-    weights: str | None = Field(
+    weights: str = Field(
         default="DEFAULT",
         description=(
-            "Weights enum member of the model (e.g. IMAGENET1K_V2) or DEFAULT. Downloaded from the torchvision "
-            "zoo at start-up; for air-gapped clusters use model.weightsUri instead."
+            "Weights enum member of the model (e.g. IMAGENET1K_V2), DEFAULT, or NONE for random initialisation "
+            "(throughput tests). Downloaded from the torchvision zoo at start-up; for air-gapped clusters use "
+            "model.weightsUri instead."
         ),
         max_length=64,
         pattern=r"^[A-Z][A-Z0-9_]*$",
@@ -127,7 +128,7 @@ class ModelSpec(_Model):
     def describe(self) -> str:
         """A short human name of the model, for summaries and the manifest."""
         if self.torchvision:
-            return f"torchvision:{self.torchvision.name}/{self.torchvision.weights or 'random'}"
+            return f"torchvision:{self.torchvision.name}/{self.torchvision.weights}"
         if self.weightsUri:
             return f"weightsUri:{self.weightsUri}" + (f" ({self.architecture})" if self.architecture else "")
         if self.packaged:
@@ -160,6 +161,12 @@ class InputSpec(_Model):
         max_length=128,
     )
     limit: int | None = Field(default=None, ge=1, description="Process at most this many inputs (sorted order).")
+    maxImageBytes: int = Field(
+        default=64 * 2**20,
+        ge=1024,
+        le=2**31,
+        description="Inputs larger than this many bytes become error rows (read: TooLarge) instead of being decoded.",
+    )
 
     @field_validator("uri")
     @classmethod
@@ -181,7 +188,16 @@ class OutputSpec(_Model):
     topK: int = Field(default=5, ge=1, le=100, description="How many top classes to keep per row.")
     mode: Literal["error_if_exists", "overwrite"] = Field(
         default="error_if_exists",
-        description="error_if_exists: refuse when output already holds data; overwrite: replace it.",
+        description=(
+            "error_if_exists: refuse when output already holds data; overwrite: replace it. Either way, an "
+            "unfinished output of the same job (a retry, a rerun after a crash) is resumed, not redone."
+        ),
+    )
+    shardRows: int = Field(
+        default=1024,
+        ge=1,
+        le=1_000_000,
+        description="Rows per committed output shard: the unit of progress, resume and exactly-once commit.",
     )
 
     @field_validator("uri")
@@ -213,6 +229,22 @@ class ComputeSpec(_Model):
         le=64,
         description="CPUs each read/decode task takes (runs in parallel with the model).",
     )
+    torchThreads: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description=(
+            "PyTorch threads per actor (default: cpusPerActor). On CPU, more than cpusPerActor lets the model "
+            "use cores that decode tasks leave idle."
+        ),
+    )
+    optimize: Literal["auto", "eager", "torchscript", "compile"] = Field(
+        default="auto",
+        description=(
+            "Graph optimisation in each actor: torchscript (trace, freeze, fold batch norms: faster on CPU), "
+            "compile (torch.compile: slower start), eager (none). auto: torchscript on CPU in fp32, else eager."
+        ),
+    )
 
     @model_validator(mode="after")
     def _pool(self) -> ComputeSpec:
@@ -223,6 +255,30 @@ class ComputeSpec(_Model):
         if self.device == "cuda" and self.gpusPerActor == 0:
             raise ValueError("compute.device=cuda needs compute.gpusPerActor > 0")
         return self
+
+
+class ErrorPolicySpec(_Model):
+    maxFailedRecords: int | None = Field(
+        default=None, ge=0, description="Fail the job once more than this many rows are error rows."
+    )
+    maxFailedPercent: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Fail the job once error rows exceed this percentage of all inputs.",
+    )
+
+
+class TimeoutsSpec(_Model):
+    perBatchSeconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=86400,
+        description="A model call longer than this fails its batch, which is split and retried row by row.",
+    )
+    stallSeconds: float | None = Field(
+        default=None, gt=0, le=86400, description="Fail the job when no row is committed for this long."
+    )
 
 
 class SecretRef(_Model):
@@ -311,6 +367,10 @@ class BatchInferenceSpec(_Model):
     output: OutputSpec = Field(description="Where predictions are written.")
     batching: BatchingSpec = Field(default_factory=BatchingSpec, description="Batching of model calls.")
     compute: ComputeSpec = Field(default_factory=ComputeSpec, description="The model actor pool.")
+    errorPolicy: ErrorPolicySpec = Field(
+        default_factory=ErrorPolicySpec, description="When per-row errors fail the whole job."
+    )
+    timeouts: TimeoutsSpec = Field(default_factory=TimeoutsSpec, description="Hung model calls and stalled jobs.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Object storage access.")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="The Ray cluster (Kubernetes only).")
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Pod scheduling.")

@@ -22,6 +22,10 @@ class StorageError(RuntimeError):
     """A storage location cannot be used as the spec asks."""
 
 
+class TooLargeError(OSError):
+    """An input is larger than input.maxImageBytes."""
+
+
 @dataclass(frozen=True)
 class Location:
     """A resolved storage location: filesystem, path inside it, and the URI form users see."""
@@ -111,10 +115,16 @@ def read_json(location: Location) -> dict[str, Any]:
         return json.loads(handle.read())
 
 
-def read_uri(uri: str) -> bytes:
-    """Read a whole object by URI (filesystem instances are cached by fsspec)."""
+def read_uri(uri: str, max_bytes: int | None = None) -> bytes:
+    """Read a whole object by URI (filesystem instances are cached by fsspec), at most `max_bytes`."""
     location = resolve(uri)
-    return read_bytes(location.fs, location.path)
+    if max_bytes is None:
+        return read_bytes(location.fs, location.path)
+    with location.fs.open(location.path, "rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise TooLargeError(f"more than input.maxImageBytes {max_bytes} bytes")
+    return data
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:

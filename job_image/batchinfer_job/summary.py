@@ -5,17 +5,16 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 
-import pyarrow.dataset as pads
+import pyarrow as pa
 
-from batchinfer_job import storage
+from batchinfer_job.commit import read_committed
 
 _GROUP = re.compile(r"^(?P<group>.+?)_\d+\.[A-Za-z]+$")
 
 
-def read_predictions(output_uri: str, columns: list[str] | None = None):
-    """The committed predictions as one pyarrow Table (files named `_…` are skipped)."""
-    location = storage.resolve(output_uri)
-    return pads.dataset(location.path, filesystem=location.arrow_fs, format="parquet").to_table(columns=columns)
+def read_predictions(output_uri: str, columns: list[str] | None = None) -> pa.Table:
+    """The committed predictions, following `_SUCCESS.json` (each input key exactly once)."""
+    return read_committed(output_uri, columns)
 
 
 def output_summary_lines(output_uri: str, max_errors: int = 5) -> list[str]:

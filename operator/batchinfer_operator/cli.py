@@ -114,6 +114,54 @@ def docs(readme: Path = typer.Option(Path("README.md"), help="README to update i
     readme.write_text(replace_reference(readme.read_text()))
 
 
+@app.command()
+def bench(
+    images: int = typer.Option(1000, help="Images in the seeded benchmark set."),
+    model: str | None = typer.Option(None, help="torchvision model (default resnet18 on CPU, resnet152 on GPU)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    repeats: int = typer.Option(3, help="Runs of each method (medians are reported)."),
+    batch_size: int = typer.Option(32, help="Images per model call for every method."),
+    stage: str = typer.Option("pipeline", help="pipeline (a/b/c with Ray) or predictor (no Ray; GPU hosts)."),
+    out: Path = typer.Option(Path("build/bench"), help="Images, chart and results go here."),
+) -> None:
+    """Measure batchinfer against a plain PyTorch loop and the seed Ray Data recipe (prints ratios)."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if stage == "predictor":
+        from batchinfer_job.bench.predictor_bench import run_predictor_bench, stage_table
+
+        rows = run_predictor_bench(
+            models=(model,) if model else ("resnet152", "resnet50"),
+            precisions=("fp32", "bf16"),
+            modes=("eager", "compile") if device == "cuda" else ("eager", "torchscript"),
+            device=device,
+            images=images,
+            batch=batch_size,
+            folder=out,
+        )
+        for line in stage_table(rows, device):
+            typer.echo(line)
+        return
+    from batchinfer_job.bench.pipeline_bench import BenchConfig, bar_chart, run_pipeline_bench, summary_line, table
+
+    config = BenchConfig(
+        images=images,
+        model=model or ("resnet152" if device == "cuda" else "resnet18"),
+        device=device,
+        repeats=repeats,
+        batch_size=batch_size,
+        folder=out,
+    )
+    result = run_pipeline_bench(config, log=lambda line: typer.echo(line, err=True))
+    lines = table(result)
+    chart = bar_chart(result, out / f"bench-{config.model}-{config.device}-{images}.png")
+    (out / f"bench-{config.model}-{config.device}-{images}.txt").write_text("\n".join([*lines, summary_line(result)]))
+    for line in [*lines, f"chart: {chart}", summary_line(result)]:
+        typer.echo(line)
+
+
 @app.command("demo-data")
 def demo_data(
     folder: Path = typer.Argument(..., help="Folder to fill with photos."),

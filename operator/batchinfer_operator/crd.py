@@ -21,7 +21,7 @@ GENERATED_HEADER = (
 
 # Spec fields that cannot change once a BatchInference exists (suspend may; scheduling is checked by the
 # operator, because CEL cost estimates on free-form affinity/tolerations would exceed the API budget).
-IMMUTABLE_FIELDS = ("model", "input", "output", "batching", "compute", "storage", "cluster")
+IMMUTABLE_FIELDS = ("model", "input", "output", "batching", "compute", "storage", "cluster", "errorPolicy", "timeouts")
 
 _MODEL_SOURCE_RULE = {
     "rule": "[" + ", ".join(f"has(self.{f})" for f in s.MODEL_SOURCES) + "].filter(x, x).size() == 1",
