@@ -16,8 +16,6 @@ import ray.data
 from batchinfer_job import storage
 from batchinfer_job.spec import InputSpec
 
-ROWS_PER_BLOCK = 64
-
 
 class InputError(ValueError):
     """The inputs cannot be read as input.* describes."""
@@ -34,10 +32,6 @@ class InputSource:
     @property
     def all_total(self) -> int:
         return len(self.all_keys)
-
-
-def _blocks(count: int) -> int:
-    return max(1, math.ceil(count / ROWS_PER_BLOCK))
 
 
 def _image_table(spec: InputSpec) -> pa.Table:
@@ -79,8 +73,12 @@ def _parquet_table(spec: InputSpec) -> pa.Table:
     return table
 
 
-def open_source(spec: InputSpec, skip: set[str] | None = None) -> InputSource:
-    """The input rows not in `skip` as a Ray Dataset split into small blocks (so work streams and spreads)."""
+def open_source(spec: InputSpec, rows_per_block: int, skip: set[str] | None = None) -> InputSource:
+    """The input rows not in `skip` as a Ray Dataset of `rows_per_block`-row blocks.
+
+    One model batch per block: Ray Data hands a block's results downstream together, so small blocks let
+    predictions stream back (and commit, and show progress) batch by batch.
+    """
     table = _image_table(spec) if spec.format == "images" else _parquet_table(spec)
     if table.num_rows == 0:
         raise InputError(f"input.uri {spec.uri!r} holds no inputs of format {spec.format!r}")
@@ -92,7 +90,6 @@ def open_source(spec: InputSpec, skip: set[str] | None = None) -> InputSource:
         table = table.filter(pa.array([key not in skip for key in keys]))
     if table.num_rows == 0:
         return InputSource(dataset=None, total=0, all_keys=keys)
-    blocks = _blocks(table.num_rows)
-    size = math.ceil(table.num_rows / blocks)
-    dataset = ray.data.from_arrow([table.slice(i * size, size) for i in range(blocks)])
+    blocks = math.ceil(table.num_rows / rows_per_block)
+    dataset = ray.data.from_arrow([table.slice(i * rows_per_block, rows_per_block) for i in range(blocks)])
     return InputSource(dataset=dataset, total=table.num_rows, all_keys=keys)

@@ -65,6 +65,28 @@ def console_progress(report: ProgressReport) -> None:
     )
 
 
+def _job_failures() -> tuple[type[BaseException], ...]:
+    from batchinfer_job.commit import OutputExistsError
+    from batchinfer_job.inputs import InputError
+    from batchinfer_job.models import ModelLoadError
+    from batchinfer_job.pipeline import ErrorThresholdExceededError, StallError
+
+    return (
+        OutputExistsError,
+        InputError,
+        ModelLoadError,
+        ErrorThresholdExceededError,
+        StallError,
+        storage.StorageError,
+    )
+
+
+def __getattr__(name: str) -> object:
+    if name == "JOB_FAILURES":  # lazily: importing them imports ray
+        return _job_failures()
+    raise AttributeError(name)
+
+
 def run_local(
     spec: BatchInferenceSpec, on_progress: Callable[[ProgressReport], None] | None = console_progress
 ) -> RunResult:

@@ -1,0 +1,47 @@
+"""Predictors that misbehave on purpose, to exercise (and let users reproduce) failure handling.
+
+A *marked* image is solid magenta. `PoisonedPredictor` raises on batches holding one, `HangingPredictor`
+hangs on them, `SlowPredictor` is slow on every batch. Otherwise they answer like
+`DominantChannelPredictor`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from batchinfer_job.examples import DominantChannelPredictor
+
+MARK = (255, 0, 255)
+
+
+def is_marked(image: np.ndarray) -> bool:
+    r, g, b = image.reshape(-1, 3).mean(axis=0)
+    return r > 240 and g < 15 and b > 240
+
+
+class PoisonedPredictor(DominantChannelPredictor):
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        if any(is_marked(image) for image in batch["image"]):
+            raise ValueError("poisoned row in batch")
+        return super().__call__(batch)
+
+
+class HangingPredictor(DominantChannelPredictor):
+    """Hangs for $BATCHINFER_HANG_SECONDS (default 30) on batches with a marked image."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        if any(is_marked(image) for image in batch["image"]):
+            time.sleep(float(os.environ.get("BATCHINFER_HANG_SECONDS", "30")))
+        return super().__call__(batch)
+
+
+class SlowPredictor(DominantChannelPredictor):
+    """Takes $BATCHINFER_SLOW_SECONDS (default 0.5) per batch."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        time.sleep(float(os.environ.get("BATCHINFER_SLOW_SECONDS", "0.5")))
+        return super().__call__(batch)
