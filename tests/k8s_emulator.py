@@ -40,6 +40,16 @@ class KubernetesInvalidError(kmock.KubernetesError):
     details: Any = None
 
 
+@attrs.frozen
+class InjectedFaultError(kmock.KubernetesError):
+    """A one-shot failure the test asked for (429, 500, 503, …)."""
+
+    status: int = 503
+    reason: str = "ServiceUnavailable"
+    message: str = ""
+    details: Any = None
+
+
 def prune(obj: Any, schema: dict[str, Any]) -> Any:
     """Drop fields the schema does not declare (unless it preserves unknown fields), like the API server."""
     if isinstance(obj, dict) and schema.get("type") == "object":
@@ -74,12 +84,23 @@ def merge(base: Any, patch: Any) -> Any:
 class StrictEmulator(kmock.KubernetesEmulator):
     schemas: dict[str, dict[str, Any]] = attrs.field(factory=dict)  # plural → openAPIV3Schema
     status_subresource: set[str] = attrs.field(factory=set)  # plurals with a /status subresource
+    validating: bool = True  # False stores objects as they come (created before a schema tightened)
+    faults: list[tuple[str, str, int]] = attrs.field(factory=list)  # one-shot (action, plural, HTTP status)
     _versions: Any = attrs.field(factory=lambda: itertools.count(1000), init=False)
 
     def _now(self) -> str:
         return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-    def _check(self, plural: str, obj: dict[str, Any]) -> dict[str, Any]:
+    def _schema_violations(self, schema: dict[str, Any], obj: dict[str, Any]) -> list[str]:
+        body = {k: v for k, v in obj.items() if k != "metadata"}
+        found = jsonschema.Draft4Validator(schema).iter_errors({**body, "metadata": {}})
+        return sorted(f"{'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}" for e in found)
+
+    def _check(self, plural: str, obj: dict[str, Any], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+        """422 for schema violations. On update, violations the stored object already had are let through
+        (CRD validation ratcheting: beta and on by default since Kubernetes 1.30, GA in 1.33)."""
+        if not self.validating:
+            return obj
         for ref in obj.get("metadata", {}).get("ownerReferences") or []:
             missing = [f for f in ("apiVersion", "kind", "name", "uid") if not ref.get(f)]
             if missing:
@@ -87,16 +108,15 @@ class StrictEmulator(kmock.KubernetesEmulator):
         schema = self.schemas.get(plural)
         if schema is None:
             return obj
-        body = {k: v for k, v in obj.items() if k != "metadata"}
-        errors = sorted(
-            jsonschema.Draft4Validator(schema).iter_errors({**body, "metadata": {}}), key=lambda e: list(e.path)
-        )
-        if errors:
-            causes = [f"{'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}" for e in errors]
+        causes = self._schema_violations(schema, obj)
+        if previous is not None:
+            causes = [c for c in causes if c not in set(self._schema_violations(schema, previous))]
+        if causes:
             raise KubernetesInvalidError(
                 message=f"{obj.get('kind')} {obj.get('metadata', {}).get('name')!r} is invalid: " + "; ".join(causes),
                 details={"causes": [{"message": c} for c in causes]},
             )
+        body = {k: v for k, v in obj.items() if k != "metadata"}
         pruned = prune(body, schema)
         return {**pruned, "metadata": obj.get("metadata", {})}
 
@@ -133,7 +153,7 @@ class StrictEmulator(kmock.KubernetesEmulator):
                     else {k: v for k, v in patch.items() if k != "status"}
                 )
             merged = merge(current, patch)
-            self._check(plural, merged)
+            self._check(plural, merged, previous=current)
             schema = self.schemas.get(plural)
             if schema is not None:
                 props = schema.get("properties", {})
@@ -158,7 +178,16 @@ class StrictEmulator(kmock.KubernetesEmulator):
         request.data.update(data)
         return request
 
+    def _inject_fault(self, request: rendering.Request) -> None:
+        for fault in self.faults:
+            action, plural, status = fault
+            if request.resource.plural == plural and str(request.action).endswith(action):
+                self.faults.remove(fault)
+                raise InjectedFaultError(status=status, message=f"injected {status} for {action} {plural}")
+
     async def _handle(self, request: rendering.Request) -> Any:
+        if request.resource is not None:
+            self._inject_fault(request)
         if request.resource is not None and request.action in (enums.action.CREATE, enums.action.UPDATE):
             request = self._admit(request)
         deleted_uid = None

@@ -16,7 +16,7 @@ from urllib3.exceptions import HTTPError
 from batchinfer_job import spec as s
 
 TRANSIENT_STATUSES = {408, 410, 425, 429, 500, 502, 503, 504}
-RETRY_DELAY = 10.0
+RETRY_DELAY = float(os.environ.get("BATCHINFER_API_RETRY_SECONDS", "10"))
 
 
 def configure_client() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +35,24 @@ def condition(kind: str, status: bool, reason: str, message: str, generation: in
     }
 
 
+def conditions_of(status: Any) -> list[dict[str, Any]]:
+    """The well-formed conditions of a status (objects stored before the schema tightened may hold junk)."""
+    raw = status.get("conditions") if isinstance(status, Mapping) else None
+    return (
+        [dict(c) for c in raw if isinstance(c, Mapping) and isinstance(c.get("type"), str)]
+        if isinstance(raw, list)
+        else []
+    )
+
+
+def parse_stored_spec(body: kopf.Body) -> s.BatchInferenceSpec:
+    """The spec of a stored object, whatever shape it arrived in; SpecError names what is wrong."""
+    raw = body.get("spec")
+    if not isinstance(raw, Mapping):
+        raise SpecError([f"spec: expected an object with model, input and output, got {type(raw).__name__}"])
+    return parse_spec(dict(raw))
+
+
 def merge_condition(existing: list[dict[str, Any]] | None, new: dict[str, Any]) -> list[dict[str, Any]]:
     """Replace the condition of the same type; keep its transition time if its status did not change."""
     out, replaced = [], False
@@ -56,7 +75,7 @@ def fail_invalid_spec(body: kopf.Body, status: dict[str, Any], patch: kopf.Patch
     patch.status["message"] = message
     patch.status["observedGeneration"] = generation
     patch.status["conditions"] = merge_condition(
-        status.get("conditions"), condition("Failed", True, "SpecInvalid", message, generation)
+        conditions_of(status), condition("Failed", True, "SpecInvalid", message, generation)
     )
     kopf.warn(body, reason="SpecInvalid", message=message)
     raise kopf.PermanentError(f"invalid spec: {message}")
@@ -79,8 +98,9 @@ def create_children(
     if is_terminal(status.get("phase")):
         return  # finished; its RayJob may be gone by TTL and must not be recreated
     try:
-        parsed = parse_spec(dict(spec))
+        parsed = parse_stored_spec(body)
     except SpecError as err:
+        metrics.ERRORS.labels("create").inc()
         fail_invalid_spec(body, dict(status), patch, err.problems)
         return
     children = render_children(parsed, Owner(name=name, namespace=namespace), SETTINGS)
@@ -109,11 +129,13 @@ def spec_changed(
     metrics.RECONCILES.labels("update").inc()
     generation = body.metadata.get("generation")
     try:
-        parsed = parse_spec(dict(new or {}))
+        if not isinstance(new, Mapping):
+            raise SpecError([f"spec: expected an object, got {type(new).__name__}"])
+        parsed = parse_spec(dict(new))
     except SpecError as err:
         problems = "; ".join(err.problems)
         patch.status["conditions"] = merge_condition(
-            status.get("conditions"), condition("SpecRejected", True, "SpecInvalid", problems, generation)
+            conditions_of(status), condition("SpecRejected", True, "SpecInvalid", problems, generation)
         )
         kopf.warn(body, reason="SpecRejected", message=problems)
         return
@@ -125,15 +147,17 @@ def spec_changed(
             "original spec. Revert the change, or create a new BatchInference."
         )
         patch.status["conditions"] = merge_condition(
-            status.get("conditions"), condition("SpecRejected", True, "ImmutableField", message, generation)
+            conditions_of(status), condition("SpecRejected", True, "ImmutableField", message, generation)
         )
         kopf.warn(body, reason="SpecRejected", message=message)
         return
-    if any(c.get("type") == "SpecRejected" for c in status.get("conditions") or []):
+    if any(c.get("type") == "SpecRejected" for c in conditions_of(status)):
         patch.status["conditions"] = merge_condition(
-            status.get("conditions"), condition("SpecRejected", False, "SpecAccepted", "", generation)
+            conditions_of(status), condition("SpecRejected", False, "SpecAccepted", "", generation)
         )
-    if (old or {}).get("suspend", False) != parsed.suspend and not is_terminal(status.get("phase")):
+    if (old if isinstance(old, Mapping) else {}).get("suspend", False) != parsed.suspend and not is_terminal(
+        status.get("phase")
+    ):
         kube.patch_rayjob_suspend(namespace, naming.rayjob_name(name), parsed.suspend)
         kopf.info(body, reason="Suspended" if parsed.suspend else "Resumed", message=f"suspend={parsed.suspend}")
     patch.status["observedGeneration"] = generation

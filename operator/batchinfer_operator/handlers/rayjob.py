@@ -9,7 +9,7 @@ from kubernetes.client.rest import ApiException
 
 from batchinfer_job import spec as s
 from batchinfer_operator import kube, metrics
-from batchinfer_operator.handlers.batchinference import now
+from batchinfer_operator.handlers.batchinference import conditions_of, now
 from batchinfer_operator.render import MANAGED_BY
 from batchinfer_operator.status import status_from_rayjob
 
@@ -39,7 +39,8 @@ def mirror_rayjob(body: kopf.Body, type: str | None, namespace: str, logger: Any
             return  # owner gone; garbage collection removes this RayJob
         metrics.ERRORS.labels("rayjob").inc()
         raise
-    current = bi.get("status") or {}
+    current = bi.get("status") if isinstance(bi.get("status"), dict) else {}
+    current = {**current, "conditions": conditions_of(current)}
     update = status_from_rayjob(dict(body), current, now(), bi["metadata"].get("generation"))
     if current.get("phase") in ("Succeeded", "Failed") and update["phase"] != current.get("phase"):
         return  # a finished BatchInference never goes back
