@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from tests.operator_env import k8s, namespace, operator  # noqa: F401  (operator
 
 for _key, _value in LOCAL_RAY_ENV.items():
     os.environ.setdefault(_key, _value)
+logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # one line per emulator request is noise
 
 LOOPBACK = "127.0.0.1"
 

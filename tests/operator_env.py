@@ -79,9 +79,9 @@ def namespace(k8s: EmulatorThread) -> str:
     return f"t-{uuid.uuid4().hex[:8]}"
 
 
-def start_operator() -> KopfRunner:
+def start_operator(*extra: str) -> KopfRunner:
     runner = KopfRunner(
-        ["run", "--standalone", "--all-namespaces", "-m", "batchinfer_operator.main"],
+        ["run", "--standalone", "--all-namespaces", "-m", "batchinfer_operator.main", *extra],
         timeout=60,
     )
     runner.__enter__()

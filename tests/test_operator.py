@@ -191,3 +191,48 @@ def test_finished_batchinference_is_not_rerun_after_its_rayjob_expires(operator,
     time.sleep(2)  # give the resumed operator the chance to (wrongly) recreate it
     assert api.rayjobs(namespace) == []
     assert phase(api, namespace) == "Succeeded"
+
+
+def test_metrics_count_reconciles_and_phases(operator, api: Api, namespace: str) -> None:
+    import socket
+    import urllib.request
+
+    from batchinfer_operator import metrics
+
+    kuberay = started(api, namespace)
+    kuberay.running()
+    eventually(lambda: phase(api, namespace) == "Running", what="Running")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    metrics.serve(port, "127.0.0.1")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    created = [line for line in text.splitlines() if line.startswith('batchinfer_reconciles_total{handler="create"}')]
+    assert created and float(created[0].split()[-1]) >= 1
+    running = [line for line in text.splitlines() if line.startswith('batchinfer_batchinferences{phase="Running"}')]
+    assert running and float(running[0].split()[-1]) >= 1
+    assert 'batchinfer_children_created_total{kind="RayJob"}' in text
+
+
+def test_liveness_endpoint_answers_for_probes(k8s) -> None:
+    import socket
+    import urllib.request
+
+    from tests.operator_env import start_operator, stop_operator
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    runner = start_operator(f"--liveness=http://127.0.0.1:{port}/healthz")
+
+    def healthz() -> int | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                return response.status
+        except OSError:  # not listening yet
+            return None
+
+    try:
+        assert eventually(healthz, what="the liveness endpoint") == 200
+    finally:
+        stop_operator(runner)
