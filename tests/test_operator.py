@@ -236,3 +236,20 @@ def test_liveness_endpoint_answers_for_probes(k8s) -> None:
         assert eventually(healthz, what="the liveness endpoint") == 200
     finally:
         stop_operator(runner)
+
+
+def test_a_refused_change_stays_refused_after_an_operator_restart(operator, api: Api, namespace: str) -> None:
+    started(api, namespace)
+    accepted = eventually(lambda: api.get_bi(namespace, NAME).get("status", {}).get("acceptedSpecHash"), what="hash")
+    api.patch_bi(namespace, NAME, {"spec": {"compute": {"maxActors": 4}}})
+    eventually(
+        lambda: any(
+            c["type"] == "SpecRejected" and c["status"] == "True"
+            for c in api.get_bi(namespace, NAME)["status"].get("conditions", [])
+        ),
+        what="SpecRejected",
+    )
+    operator.restart()  # resume must not adopt the refused spec as the accepted one
+    time.sleep(2)
+    assert api.get_bi(namespace, NAME)["status"]["acceptedSpecHash"] == accepted
+    assert read_configmap_spec(api, namespace)["spec"]["compute"]["maxActors"] == 1

@@ -1,7 +1,7 @@
 """CPU stage: read image bytes and decode them into fixed-size uint8 arrays, a whole batch per call.
 
 A file that cannot be read or decoded becomes an error row (zeros image + reason); it never fails the job.
-Resize and crop are torchvision's own functions on PIL images, so results match a plain torchvision loop.
+Resize and crop reproduce torchvision's PIL transforms exactly, so results match a plain torchvision loop.
 """
 
 from __future__ import annotations
@@ -28,15 +28,37 @@ class Preprocess:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
-def decode_image(data: bytes, preprocess: Preprocess) -> np.ndarray:
-    """Bytes → RGB uint8 array of shape (crop, crop, 3). Raises on undecodable input."""
-    from torchvision.transforms import functional as tvf
+def resize_short_side(img: Image.Image, size: int) -> Image.Image:
+    """torchvision's `Resize(size)` on a PIL image, to the pixel: bilinear, the long side truncated."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    return img if (new_w, new_h) == (w, h) else img.resize((new_w, new_h), Image.BILINEAR)
 
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """torchvision's `CenterCrop(size)` on a PIL image: zero padding when smaller, rounded offsets."""
+    w, h = img.size
+    if size > w or size > h:
+        padded = Image.new(img.mode, (max(w, size), max(h, size)))
+        padded.paste(img, ((size - w) // 2 if size > w else 0, (size - h) // 2 if size > h else 0))
+        img, (w, h) = padded, padded.size
+        if (w, h) == (size, size):
+            return img
+    top, left = round((h - size) / 2.0), round((w - size) / 2.0)
+    return img.crop((left, top, left + size, top + size))
+
+
+def decode_image(data: bytes, preprocess: Preprocess) -> np.ndarray:
+    """Bytes → RGB uint8 array of shape (crop, crop, 3). Raises on undecodable input.
+
+    Pure PIL (no torch import): decode workers start fast and stay small.
+    """
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         rgb = img.convert("RGB")
-    rgb = tvf.center_crop(tvf.resize(rgb, preprocess.resize), preprocess.crop)
-    return np.asarray(rgb, dtype=np.uint8)
+    return np.asarray(center_crop(resize_short_side(rgb, preprocess.resize), preprocess.crop), dtype=np.uint8)
 
 
 def _error(stage: str, err: BaseException) -> str:

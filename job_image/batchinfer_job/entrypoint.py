@@ -29,12 +29,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import ray
 
+    from batchinfer_job.local import job_failures
     from batchinfer_job.pipeline import run_pipeline
 
     ray.init()  # the RayJob's cluster (RAY_ADDRESS is set by KubeRay)
     reporter = StatusReporter.in_cluster()
-    result = run_pipeline(document.spec, on_progress=reporter)
-    print(json.dumps({"event": "finished", **result.manifest["counts"], "output": result.output_uri}))
+    try:
+        result = run_pipeline(document.spec, on_progress=reporter)
+    except job_failures() as err:
+        # KubeRay copies the job's last log lines into the RayJob's status.message, and the operator copies
+        # that into the BatchInference: make the last line say what happened.
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return 1
+    print(json.dumps({"event": "finished", **result.manifest["counts"], "output": result.output_uri}), flush=True)
     return 0
 
 

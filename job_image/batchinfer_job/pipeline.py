@@ -29,7 +29,7 @@ from batchinfer_job.spec import BatchInferenceSpec, ErrorPolicySpec
 
 SHARD_SECONDS = 20.0
 _DECODE_BYTES_PER_IMAGE = 4 * 2**20  # a large photo decoded at full size, its bytes and its crop
-_DECODE_BASE_BYTES = 512 * 2**20  # the worker process: interpreter, PIL, torch and torchvision (measured ~460 MiB)
+_DECODE_BASE_BYTES = 256 * 2**20  # the worker process: interpreter, Ray, pyarrow and PIL (no torch)
 
 
 def decode_task_memory(batch_size: int) -> int:

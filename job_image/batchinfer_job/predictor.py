@@ -126,14 +126,16 @@ class TorchPredictor:
         self.categories = loaded.categories
         pre = preprocess_for(spec)
         self.model, self.optimized = optimize_model(
-            loaded.module.to(self.device, memory_format=torch.channels_last).eval(),
+            loaded.module.to(self.device).eval(),
             config.optimize,
             self.device,
             self.dtype,
-            example=torch.zeros(2, 3, pre.crop, pre.crop, device=self.device).contiguous(
-                memory_format=torch.channels_last
-            ),
+            example=torch.zeros(2, 3, pre.crop, pre.crop, device=self.device),
         )
+        # Frozen TorchScript (oneDNN) wants plain NCHW; eager convolutions run faster channels-last.
+        self.memory_format = torch.contiguous_format if self.optimized == "torchscript" else torch.channels_last
+        if self.optimized != "torchscript":
+            self.model = self.model.to(memory_format=torch.channels_last)
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor([m * 255 for m in pre.mean], device=self.device).view(shape)
         self.std = torch.tensor([s * 255 for s in pre.std], device=self.device).view(shape)
@@ -197,7 +199,7 @@ class TorchPredictor:
     def predict_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 NHWC already on the model's device → top-k classes (int32) and probabilities, on device."""
         x = images.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=self.memory_format)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             logits = self.model(x)
         probs = logits.float().softmax(dim=-1)

@@ -50,12 +50,12 @@ def run(file: Path = typer.Argument(..., help="A BatchInference YAML file.")) ->
         document = load_batchinference(file)
     except SpecError as err:
         _fail(err.problems)
-    from batchinfer_job.local import JOB_FAILURES, run_local, summary_lines
+    from batchinfer_job.local import job_failures, run_local, summary_lines
     from batchinfer_job.summary import output_summary_lines
 
     try:
         result = run_local(document.spec)
-    except JOB_FAILURES as err:
+    except job_failures() as err:
         _fail([f"BatchInference {document.metadata.name} failed: {type(err).__name__}: {err}"])
     typer.echo(f"BatchInference {document.metadata.name}: done")
     for line in summary_lines(result) + output_summary_lines(result.output_uri):

@@ -85,7 +85,6 @@ def fail_invalid_spec(body: kopf.Body, status: dict[str, Any], patch: kopf.Patch
 @kopf.on.create(*GVR, retries=10, backoff=5)
 def create_children(
     body: kopf.Body,
-    spec: kopf.Spec,
     status: kopf.Status,
     name: str,
     namespace: str,
@@ -115,8 +114,9 @@ def create_children(
         kopf.info(body, reason="Created", message=f"created {', '.join(created)}")
     patch.status["rayJobName"] = rayjob
     patch.status["outputUri"] = parsed.output.uri
-    patch.status["acceptedSpecHash"] = spec_hash(parsed)
-    patch.status["observedGeneration"] = body.metadata.get("generation")
+    if not status.get("acceptedSpecHash"):  # set once: a later (refused) spec must never become the accepted one
+        patch.status["acceptedSpecHash"] = spec_hash(parsed)
+        patch.status["observedGeneration"] = body.metadata.get("generation")
     if not status.get("phase"):
         patch.status["phase"] = "Suspended" if parsed.suspend else "Pending"
 

@@ -1,0 +1,37 @@
+"""Decode reproduces torchvision's PIL transforms to the pixel, without importing torch in decode workers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision.transforms import functional as tvf
+
+from batchinfer_job.decode import Preprocess, center_crop, decode_batch, resize_short_side
+
+SIZES = [(500, 375), (375, 500), (256, 256), (300, 200), (100, 80), (640, 481), (257, 999), (224, 223)]
+
+
+@pytest.mark.parametrize(("w", "h"), SIZES)
+def test_resize_and_crop_match_torchvision(w: int, h: int) -> None:
+    img = Image.fromarray(np.random.default_rng(w * h).integers(0, 255, (h, w, 3), dtype=np.uint8))
+    ours = np.asarray(center_crop(resize_short_side(img, 256), 224))
+    assert (ours == np.asarray(tvf.center_crop(tvf.resize(img, 256), 224))).all()
+    assert (np.asarray(center_crop(img, 300)) == np.asarray(tvf.center_crop(img, 300))).all()
+
+
+def test_oversized_input_becomes_an_error_row(tmp_path) -> None:
+    path = tmp_path / "big.png"
+    Image.new("RGB", (400, 400), (1, 2, 3)).save(path)
+    batch = {"key": np.asarray([str(path)], dtype=object), "uri": np.asarray([str(path)], dtype=object)}
+    out = decode_batch(batch, preprocess=Preprocess(), max_bytes=1024)
+    assert out["error"][0] == "read: TooLargeError: more than input.maxImageBytes 1024 bytes"
+    assert not out["image"].any()
+
+
+def test_decode_module_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    probe = "import sys, batchinfer_job.decode; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], check=False).returncode == 0

@@ -1,0 +1,54 @@
+"""The RayJob entrypoint runs exactly what the operator's ConfigMap describes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from batchinfer_job.summary import read_predictions
+from batchinfer_operator.render import ENTRYPOINT, SPEC_FILE, Owner, render_children
+from batchinfer_operator.settings import OperatorSettings
+from tests.helpers import make_spec
+
+
+def test_entrypoint_runs_the_spec_from_the_rendered_configmap(tmp_path: Path, photo_dir: Path) -> None:
+    spec = make_spec(
+        str(photo_dir), str(tmp_path / "out"), model={"predictor": "batchinfer_job.examples:DominantChannelPredictor"}
+    )
+    configmap = render_children(spec, Owner("e2e", "ns"), OperatorSettings())[0]
+    mounted = tmp_path / "etc-batchinfer" / SPEC_FILE
+    mounted.parent.mkdir()
+    mounted.write_text(configmap["data"][SPEC_FILE])
+    command = ENTRYPOINT.replace("/etc/batchinfer/spec.json", str(mounted)).split()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHINFER_")}
+    result = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    finished = json.loads(result.stdout.strip().splitlines()[-1])
+    assert finished == {"event": "finished", "total": 26, "succeeded": 24, "failed": 2, "output": str(tmp_path / "out")}
+    assert len(read_predictions(str(tmp_path / "out"))) == 26
+
+
+def test_entrypoint_refuses_an_invalid_spec_file_with_field_paths(tmp_path: Path) -> None:
+    bad = tmp_path / "spec.json"
+    bad.write_text(
+        json.dumps(
+            {
+                "apiVersion": "batchinfer.dev/v1alpha1",
+                "kind": "BatchInference",
+                "metadata": {"name": "x"},
+                "spec": {"model": {}},
+            }
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "batchinfer_job.entrypoint", "--spec", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "error: spec.model: model needs exactly one of" in result.stderr
+    assert "error: spec.input: Field required" in result.stderr
