@@ -136,12 +136,14 @@ class Api:
         self.custom = kubernetes.client.CustomObjectsApi()
         self.core = kubernetes.client.CoreV1Api()
 
-    def create_bi(self, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    def create_bi(self, namespace: str, name: str, spec: Any, status: Any = None) -> dict[str, Any]:
+        """Create a BatchInference; `spec` may be anything (the emulator decides whether to admit it)."""
         body = {
             "apiVersion": f"{s.API_GROUP}/{s.API_VERSION}",
             "kind": s.KIND,
             "metadata": {"name": name, "namespace": namespace},
             "spec": spec,
+            **({"status": status} if status is not None else {}),
         }
         return self.custom.create_namespaced_custom_object(s.API_GROUP, s.API_VERSION, namespace, s.PLURAL, body)
 

@@ -119,31 +119,8 @@ def test_operator_fails_each_stored_malformed_object_and_keeps_serving(operator,
         for index, (path, value, _) in enumerate(STORED):
             names.append(f"bad-{index}")
             api.create_bi(namespace, names[-1], variant(path, value))
-        api.custom.create_namespaced_custom_object(
-            "batchinfer.dev",
-            "v1alpha1",
-            namespace,
-            "batchinferences",
-            {
-                "apiVersion": "batchinfer.dev/v1alpha1",
-                "kind": "BatchInference",
-                "metadata": {"name": "bad-spec-string"},
-                "spec": "model: resnet",
-            },
-        )
-        api.custom.create_namespaced_custom_object(
-            "batchinfer.dev",
-            "v1alpha1",
-            namespace,
-            "batchinferences",
-            {
-                "apiVersion": "batchinfer.dev/v1alpha1",
-                "kind": "BatchInference",
-                "metadata": {"name": "bad-status"},
-                "spec": {"model": 5},
-                "status": {"conditions": "garbage", "phase": 7},
-            },
-        )
+        api.create_bi(namespace, "bad-spec-string", "model: resnet")
+        api.create_bi(namespace, "bad-status", {"model": 5}, status={"conditions": "garbage", "phase": 7})
     finally:
         k8s.emulator.validating = True
     api.create_bi(namespace, "good", quickstart_spec())

@@ -41,27 +41,19 @@ def api_errors(what: str) -> Iterator[None]:
         raise kopf.TemporaryError(f"{what}: {err}", delay=RETRY_DELAY) from err
 
 
-def _creator(kind: str) -> Callable[[str, dict[str, Any]], Any]:
+def _api(kind: str) -> tuple[Callable[[str, dict[str, Any]], Any], Callable[[str, str], Any]]:
+    """(create(namespace, body), read(name, namespace)) for a child kind."""
     core, rbac = kubernetes.client.CoreV1Api(), kubernetes.client.RbacAuthorizationV1Api()
     custom = kubernetes.client.CustomObjectsApi()
     return {
-        "ConfigMap": core.create_namespaced_config_map,
-        "ServiceAccount": core.create_namespaced_service_account,
-        "Role": rbac.create_namespaced_role,
-        "RoleBinding": rbac.create_namespaced_role_binding,
-        "RayJob": lambda ns, body: custom.create_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", body),
-    }[kind]
-
-
-def _reader(kind: str) -> Callable[[str, str], Any]:
-    core, rbac = kubernetes.client.CoreV1Api(), kubernetes.client.RbacAuthorizationV1Api()
-    custom = kubernetes.client.CustomObjectsApi()
-    return {
-        "ConfigMap": core.read_namespaced_config_map,
-        "ServiceAccount": core.read_namespaced_service_account,
-        "Role": rbac.read_namespaced_role,
-        "RoleBinding": rbac.read_namespaced_role_binding,
-        "RayJob": lambda name, ns: custom.get_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", name),
+        "ConfigMap": (core.create_namespaced_config_map, core.read_namespaced_config_map),
+        "ServiceAccount": (core.create_namespaced_service_account, core.read_namespaced_service_account),
+        "Role": (rbac.create_namespaced_role, rbac.read_namespaced_role),
+        "RoleBinding": (rbac.create_namespaced_role_binding, rbac.read_namespaced_role_binding),
+        "RayJob": (
+            lambda ns, body: custom.create_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", body),
+            lambda name, ns: custom.get_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", name),
+        ),
     }[kind]
 
 
@@ -76,13 +68,13 @@ def create_or_adopt(child: dict[str, Any], owner_uid: str) -> str:
     kind, name, namespace = child["kind"], child["metadata"]["name"], child["metadata"]["namespace"]
     try:
         with api_errors(f"create {kind} {namespace}/{name}"):
-            _creator(kind)(namespace, child)
+            _api(kind)[0](namespace, child)
         return "created"
     except kopf.PermanentError as err:
         if not isinstance(err.__cause__, ApiException) or err.__cause__.status != 409:
             raise
     with api_errors(f"read existing {kind} {namespace}/{name}"):
-        existing = _reader(kind)(name, namespace)
+        existing = _api(kind)[1](name, namespace)
     if owner_uid not in _owner_uids(existing):
         raise kopf.PermanentError(
             f"{kind} {namespace}/{name} already exists and is not owned by this BatchInference; "

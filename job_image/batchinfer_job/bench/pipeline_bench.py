@@ -134,7 +134,7 @@ def bar_chart(result: BenchResult, path: Path) -> Path:
     ax.set_ylabel("images / second (median, min-max)")
     ax.set_title(f"{c.model} on {c.device}, {c.images} images, {c.repeats} repeats")
     for i, value in enumerate(medians):
-        ax.text(i, value, f"{value:.1f}", ha="center", va="bottom")
+        ax.text(i, value / 2, f"{value:.1f}", ha="center", va="center", color="white", fontweight="bold")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
