@@ -65,7 +65,8 @@ def console_progress(report: ProgressReport) -> None:
     )
 
 
-def _job_failures() -> tuple[type[BaseException], ...]:
+def job_failures() -> tuple[type[BaseException], ...]:
+    """Errors that end a job with a clear message (imported lazily: they pull in ray)."""
     from batchinfer_job.commit import OutputExistsError
     from batchinfer_job.inputs import InputError
     from batchinfer_job.models import ModelLoadError
@@ -79,12 +80,6 @@ def _job_failures() -> tuple[type[BaseException], ...]:
         StallError,
         storage.StorageError,
     )
-
-
-def __getattr__(name: str) -> object:
-    if name == "JOB_FAILURES":  # lazily: importing them imports ray
-        return _job_failures()
-    raise AttributeError(name)
 
 
 def run_local(
