@@ -197,3 +197,19 @@ def test_a_different_job_never_resumes_another_jobs_output(tmp_path: Path) -> No
     store.prepare("error_if_exists", fingerprint="some-other-job")
     with pytest.raises(Exception, match=r"already holds data; set output\.mode: overwrite"):
         run_local(spec_for(tmp_path), on_progress=None)
+
+
+def test_an_attempt_starting_alongside_another_resumes_instead_of_refusing(tmp_path: Path, monkeypatch) -> None:
+    real = OutputStore._resumable
+    calls: list[str] = []
+
+    def racy(self: OutputStore, fingerprint: str) -> bool:
+        calls.append(fingerprint)
+        if len(calls) == 1:  # the other attempt of the job prepares right after this check
+            OutputStore(self.location).prepare("error_if_exists", fingerprint)
+            return False
+        return real(self, fingerprint)
+
+    monkeypatch.setattr(OutputStore, "_resumable", racy)
+    assert OutputStore(resolve(str(tmp_path / "out"))).prepare("error_if_exists", "job-1") == []
+    assert json.loads((tmp_path / "out" / "_job.json").read_text()) == {"fingerprint": "job-1"}

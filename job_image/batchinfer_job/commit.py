@@ -75,10 +75,11 @@ class OutputStore:
         A finished output (`_SUCCESS.json`) or foreign data is refused (error_if_exists) or cleared
         (overwrite); an unfinished output of the same job is resumed in either mode.
         """
-        resumable = not self._exists(SUCCESS_FILE) and self._exists(JOB_FILE)
-        if resumable and storage.read_json(self.location.child(JOB_FILE)).get("fingerprint") == fingerprint:
+        if self._resumable(fingerprint):
             return self.committed_shards()
         if storage.has_data(self.location):
+            if self._resumable(fingerprint):  # another attempt of this job started in between
+                return self.committed_shards()
             if mode != "overwrite":
                 raise OutputExistsError(
                     f"output.uri {self.location.uri!r} already holds data; set output.mode: overwrite to replace "
@@ -88,6 +89,12 @@ class OutputStore:
         storage.ensure_folder(self.location)
         storage.write_json(self.location.child(JOB_FILE), {"fingerprint": fingerprint})
         return []
+
+    def _resumable(self, fingerprint: str) -> bool:
+        """An unfinished output of this very job (same fingerprint, no `_SUCCESS.json`)."""
+        if self._exists(SUCCESS_FILE) or not self._exists(JOB_FILE):
+            return False
+        return storage.read_json(self.location.child(JOB_FILE)).get("fingerprint") == fingerprint
 
     def committed_shards(self) -> list[Shard]:
         """Every shard with a commit record, sorted by name (attempt, then sequence)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,15 +100,29 @@ def remove_tree(location: Location) -> None:
 
 def ensure_folder(location: Location) -> None:
     """Create a local folder; object stores need none (and must not get buckets created)."""
-    protocols = (location.fs.protocol,) if isinstance(location.fs.protocol, str) else location.fs.protocol
-    if "file" in protocols or "local" in protocols:
+    if _is_local(location):
         location.fs.makedirs(location.path, exist_ok=True)
 
 
+def _is_local(location: Location) -> bool:
+    protocols = (location.fs.protocol,) if isinstance(location.fs.protocol, str) else location.fs.protocol
+    return "file" in protocols or "local" in protocols
+
+
 def write_json(location: Location, payload: dict[str, Any]) -> None:
-    """Write a small JSON document (a manifest) in one put."""
-    with location.fs.open(location.path, "wb") as handle:
-        handle.write(json.dumps(payload, indent=2, sort_keys=True).encode())
+    """Write a small JSON document (a manifest, a commit record) atomically: readers see all of it or none.
+
+    Object stores make a single PUT atomic; on local and mounted filesystems the file is renamed into place.
+    """
+    data = json.dumps(payload, indent=2, sort_keys=True).encode()
+    if not _is_local(location):
+        with location.fs.open(location.path, "wb") as handle:
+            handle.write(data)
+        return
+    temporary = f"{location.path}.tmp-{uuid.uuid4().hex}"
+    with location.fs.open(temporary, "wb") as handle:
+        handle.write(data)
+    location.fs.mv(temporary, location.path)
 
 
 def read_json(location: Location) -> dict[str, Any]:
