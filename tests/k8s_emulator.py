@@ -7,6 +7,7 @@ Added here:
 - 422 Invalid for objects that fail their CRD's openAPIV3Schema (ours; KubeRay's vendored ones), and for
   ownerReferences without a uid; unknown fields pruned as a structural schema prunes them;
 - the status subresource: a patch to the object ignores `status`, a patch to `/status` changes only it;
+- optimistic concurrency: a write naming a stale metadata.resourceVersion is refused with 409 Conflict;
 - garbage collection: deleting an owner deletes the objects whose ownerReferences name its uid.
 The emulator runs on its own event loop in a thread, so tests and the operator can use blocking clients.
 """
@@ -36,6 +37,16 @@ class KubernetesInvalidError(kmock.KubernetesError):
 
     status: int = 422
     reason: str = "Invalid"
+    message: str = ""
+    details: Any = None
+
+
+@attrs.frozen
+class KubernetesConflictError(kmock.KubernetesError):
+    """409 Conflict, as the API server answers a write that names a stale resourceVersion."""
+
+    status: int = 409
+    reason: str = "Conflict"
     message: str = ""
     details: Any = None
 
@@ -146,6 +157,7 @@ class StrictEmulator(kmock.KubernetesEmulator):
                 return request  # the emulator answers 404
             current = copy.deepcopy(self._objects[key].raw)
             patch = copy.deepcopy(request.data)
+            self._check_precondition(request, current, patch)
             if plural in self.status_subresource:
                 patch = (
                     {"status": patch.get("status")}
@@ -170,6 +182,18 @@ class StrictEmulator(kmock.KubernetesEmulator):
                 patch["metadata"]["generation"] = int(current["metadata"].get("generation", 1)) + 1
             return self._replace_data(request, patch)
         return request
+
+    @staticmethod
+    def _check_precondition(request: rendering.Request, current: dict[str, Any], patch: dict[str, Any]) -> None:
+        """A write that carries metadata.resourceVersion applies only to that version (optimistic concurrency)."""
+        meta = patch.get("metadata") if isinstance(patch.get("metadata"), dict) else {}
+        expected = meta.get("resourceVersion")
+        stored = current.get("metadata", {}).get("resourceVersion")
+        if expected is not None and expected != stored:
+            raise KubernetesConflictError(
+                message=f"Operation cannot be fulfilled on {request.resource.plural} {request.name!r}: the object "
+                "has been modified; please apply your changes to the latest version and try again"
+            )
 
     @staticmethod
     def _replace_data(request: rendering.Request, data: dict[str, Any]) -> rendering.Request:

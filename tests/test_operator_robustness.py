@@ -13,6 +13,7 @@ from kubernetes.client.rest import ApiException
 from urllib3.exceptions import ProtocolError
 
 from batchinfer_operator import kube
+from batchinfer_operator.handlers.batchinference import condition, conditions_of, merge_condition
 from tests.operator_env import Api, eventually, quickstart_spec
 
 
@@ -173,3 +174,42 @@ def test_connection_errors_are_temporary() -> None:
 
 def test_kubernetes_client_is_pointed_at_the_emulator(k8s) -> None:
     assert kubernetes.client.Configuration.get_default_copy().host == k8s.url
+
+
+def test_a_write_naming_a_stale_resource_version_is_refused_with_409(k8s, namespace) -> None:
+    api = Api()
+    created = api.create_bi(namespace, "stale", quickstart_spec())
+    api.custom.patch_namespaced_custom_object_status(
+        "batchinfer.dev", "v1alpha1", namespace, "batchinferences", "stale", {"status": {"phase": "Pending"}}
+    )
+    stale = {"metadata": {"resourceVersion": created["metadata"]["resourceVersion"]}, "status": {"phase": "Running"}}
+    with pytest.raises(ApiException) as refused:
+        api.custom.patch_namespaced_custom_object_status(
+            "batchinfer.dev", "v1alpha1", namespace, "batchinferences", "stale", stale
+        )
+    assert refused.value.status == 409
+    assert api.get_bi(namespace, "stale")["status"]["phase"] == "Pending"
+
+
+def test_concurrent_status_writers_keep_each_others_conditions(k8s, namespace) -> None:
+    """The RayJob mirror and the spec-change handler both write status.conditions (a list): a write computed
+    from a stale read is refused and computed again, so neither drops the other's condition."""
+    api = Api()
+    api.create_bi(namespace, "race", quickstart_spec())
+    reads: list[str] = []
+
+    def add(kind: str) -> Any:
+        return lambda bi: {
+            "conditions": merge_condition(conditions_of(bi.get("status")), condition(kind, True, kind, "", 1))
+        }
+
+    def mirror(bi: dict[str, Any]) -> dict[str, Any]:
+        reads.append(bi["metadata"]["resourceVersion"])
+        if len(reads) == 1:  # another writer gets in between this read and its write
+            kube.update_batchinference_status(namespace, "race", add("SpecRejected"))
+        return add("Running")(bi)
+
+    kube.update_batchinference_status(namespace, "race", mirror)
+    conditions = api.get_bi(namespace, "race")["status"]["conditions"]
+    assert sorted(c["type"] for c in conditions) == ["Running", "SpecRejected"]
+    assert len(reads) == 2 and reads[0] != reads[1]

@@ -213,3 +213,16 @@ def test_an_attempt_starting_alongside_another_resumes_instead_of_refusing(tmp_p
     monkeypatch.setattr(OutputStore, "_resumable", racy)
     assert OutputStore(resolve(str(tmp_path / "out"))).prepare("error_if_exists", "job-1") == []
     assert json.loads((tmp_path / "out" / "_job.json").read_text()) == {"fingerprint": "job-1"}
+
+
+def test_another_attempts_job_file_still_in_flight_is_not_foreign_data(tmp_path: Path) -> None:
+    """Between writing `_job.json`'s temporary file and renaming it, the output must not look foreign."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_job.json.tmp-0123456789abcdef").write_text('{"fingerprint": "job-1"}')
+    assert OutputStore(resolve(str(out))).prepare("error_if_exists", "job-1") == []
+    assert json.loads((out / "_job.json").read_text()) == {"fingerprint": "job-1"}
+    (out / "part-x.parquet").write_bytes(b"data")
+    (out / "_job.json").unlink()
+    with pytest.raises(Exception, match=r"already holds data"):
+        OutputStore(resolve(str(out))).prepare("error_if_exists", "job-1")

@@ -87,9 +87,14 @@ def list_files(location: Location, suffix: str) -> list[str]:
     return sorted(p for p in location.fs.find(location.path, withdirs=False) if p.endswith(suffix))
 
 
+IN_FLIGHT = ".tmp-"  # marks a local file that `write_json` has not yet renamed into place
+
+
 def has_data(location: Location) -> bool:
-    """True when anything exists under the location."""
-    return location.fs.exists(location.path) and bool(location.fs.find(location.path, withdirs=False))
+    """True when anything exists under the location, other than files another writer has in flight."""
+    if not location.fs.exists(location.path):
+        return False
+    return any(IN_FLIGHT not in path.rsplit("/", 1)[-1] for path in location.fs.find(location.path, withdirs=False))
 
 
 def remove_tree(location: Location) -> None:
@@ -119,7 +124,7 @@ def write_json(location: Location, payload: dict[str, Any]) -> None:
         with location.fs.open(location.path, "wb") as handle:
             handle.write(data)
         return
-    temporary = f"{location.path}.tmp-{uuid.uuid4().hex}"
+    temporary = f"{location.path}{IN_FLIGHT}{uuid.uuid4().hex}"
     with location.fs.open(temporary, "wb") as handle:
         handle.write(data)
     location.fs.mv(temporary, location.path)

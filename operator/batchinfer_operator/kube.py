@@ -90,11 +90,38 @@ def get_batchinference(namespace: str, name: str) -> dict[str, Any]:
         )
 
 
-def patch_batchinference_status(namespace: str, name: str, status: dict[str, Any]) -> None:
-    with api_errors(f"patch status of BatchInference {namespace}/{name}"):
-        kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object_status(
-            s.API_GROUP, s.API_VERSION, namespace, s.PLURAL, name, {"status": status}
-        )
+CONFLICT_ATTEMPTS = 5
+
+
+def update_batchinference_status(
+    namespace: str, name: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Read-modify-write of a BatchInference's status, safe against concurrent writers.
+
+    `change(bi)` returns the status fields to set (or None: nothing to do). The patch carries the
+    resourceVersion it was computed from, so the API server refuses it (409) if another writer got in
+    between — conditions are a list, and a merge patch built from a stale read would drop theirs; then it
+    is computed again from a fresh read. Returns (the object it was computed from, the update), or None.
+    """
+    for _ in range(CONFLICT_ATTEMPTS):
+        bi = get_batchinference(namespace, name)
+        update = change(bi)
+        if update is None:
+            return None
+        patch = {"metadata": {"resourceVersion": bi["metadata"]["resourceVersion"]}, "status": update}
+        try:
+            with api_errors(f"patch status of BatchInference {namespace}/{name}"):
+                kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object_status(
+                    s.API_GROUP, s.API_VERSION, namespace, s.PLURAL, name, patch
+                )
+            return bi, update
+        except kopf.PermanentError as err:
+            if not isinstance(err.__cause__, ApiException) or err.__cause__.status != 409:
+                raise
+    raise kopf.TemporaryError(
+        f"patch status of BatchInference {namespace}/{name}: {CONFLICT_ATTEMPTS} conflicting writes in a row",
+        delay=RETRY_DELAY,
+    )
 
 
 def patch_rayjob_suspend(namespace: str, name: str, suspend: bool) -> None:

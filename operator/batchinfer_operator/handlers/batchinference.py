@@ -81,6 +81,18 @@ def fail_invalid_spec(body: kopf.Body, status: dict[str, Any], patch: kopf.Patch
     raise kopf.PermanentError(f"invalid spec: {message}")
 
 
+def record_condition(namespace: str, name: str, new: dict[str, Any], only_if_present: bool = False) -> None:
+    """Set one condition on the stored object, keeping every other writer's conditions (see kube)."""
+
+    def merged(bi: dict[str, Any]) -> dict[str, Any] | None:
+        existing = conditions_of(bi.get("status"))
+        if only_if_present and not any(c.get("type") == new["type"] for c in existing):
+            return None
+        return {"conditions": merge_condition(existing, new)}
+
+    kube.update_batchinference_status(namespace, name, merged)
+
+
 @kopf.on.resume(*GVR, retries=10, backoff=5)
 @kopf.on.create(*GVR, retries=10, backoff=5)
 def create_children(
@@ -134,9 +146,7 @@ def spec_changed(
         parsed = parse_spec(dict(new))
     except SpecError as err:
         problems = "; ".join(err.problems)
-        patch.status["conditions"] = merge_condition(
-            conditions_of(status), condition("SpecRejected", True, "SpecInvalid", problems, generation)
-        )
+        record_condition(namespace, name, condition("SpecRejected", True, "SpecInvalid", problems, generation))
         kopf.warn(body, reason="SpecRejected", message=problems)
         return
     accepted = status.get("acceptedSpecHash")
@@ -146,15 +156,12 @@ def spec_changed(
             f"{fields} cannot change after creation (only spec.suspend can); the running job keeps its "
             "original spec. Revert the change, or create a new BatchInference."
         )
-        patch.status["conditions"] = merge_condition(
-            conditions_of(status), condition("SpecRejected", True, "ImmutableField", message, generation)
-        )
+        record_condition(namespace, name, condition("SpecRejected", True, "ImmutableField", message, generation))
         kopf.warn(body, reason="SpecRejected", message=message)
         return
-    if any(c.get("type") == "SpecRejected" for c in conditions_of(status)):
-        patch.status["conditions"] = merge_condition(
-            conditions_of(status), condition("SpecRejected", False, "SpecAccepted", "", generation)
-        )
+    record_condition(
+        namespace, name, condition("SpecRejected", False, "SpecAccepted", "", generation), only_if_present=True
+    )
     if (old if isinstance(old, Mapping) else {}).get("suspend", False) != parsed.suspend and not is_terminal(
         status.get("phase")
     ):

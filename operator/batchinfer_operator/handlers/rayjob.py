@@ -32,23 +32,29 @@ def mirror_rayjob(body: kopf.Body, type: str | None, namespace: str, logger: Any
     if owner is None:
         return
     metrics.RECONCILES.labels("rayjob").inc()
+
+    def mirrored(bi: dict[str, Any]) -> dict[str, Any] | None:
+        current = bi.get("status") if isinstance(bi.get("status"), dict) else {}
+        current = {**current, "conditions": conditions_of(current)}
+        update = status_from_rayjob(dict(body), current, now(), bi["metadata"].get("generation"))
+        if current.get("phase") in ("Succeeded", "Failed") and update["phase"] != current.get("phase"):
+            return None  # a finished BatchInference never goes back
+        unchanged = all(update.get(k) == current.get(k) for k in _COMPARED)
+        return None if unchanged and update["conditions"] == current.get("conditions") else update
+
     try:
-        bi = kube.get_batchinference(namespace, owner)
+        written = kube.update_batchinference_status(namespace, owner, mirrored)
     except kopf.PermanentError as err:
         if isinstance(err.__cause__, ApiException) and err.__cause__.status == 404:
             return  # owner gone; garbage collection removes this RayJob
         metrics.ERRORS.labels("rayjob").inc()
         raise
-    current = bi.get("status") if isinstance(bi.get("status"), dict) else {}
-    current = {**current, "conditions": conditions_of(current)}
-    update = status_from_rayjob(dict(body), current, now(), bi["metadata"].get("generation"))
-    if current.get("phase") in ("Succeeded", "Failed") and update["phase"] != current.get("phase"):
-        return  # a finished BatchInference never goes back
-    if all(update.get(k) == current.get(k) for k in _COMPARED) and update["conditions"] == current.get("conditions"):
+    if written is None:
         return
-    kube.patch_batchinference_status(namespace, owner, update)
-    if update["phase"] != current.get("phase"):
-        logger.info(f"phase {current.get('phase')} -> {update['phase']}")
+    bi, update = written
+    previous = bi["status"].get("phase") if isinstance(bi.get("status"), dict) else None
+    if update["phase"] != previous:
+        logger.info(f"phase {previous} -> {update['phase']}")
         if update["phase"] in EVENTFUL_PHASES:
             post = kopf.warn if update["phase"] == "Failed" else kopf.info
             detail = update.get("message") or f"RayJob {body.metadata['name']} is {update['phase']}"
