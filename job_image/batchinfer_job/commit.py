@@ -133,22 +133,26 @@ class OutputStore:
     def _ensure(self, folder: str) -> None:
         storage.ensure_folder(self.location.child(folder))
 
-    def exactly_once(self, run_id: str) -> list[Shard]:
-        """Committed shards chosen so that each key appears once; overlapping shards rewritten without repeats."""
+    def exactly_once(self, run_id: str) -> tuple[list[Shard], list[str]]:
+        """Committed shards chosen so that each key appears once (overlapping shards rewritten without
+        repeats), and the keys they hold, in order."""
         chosen: list[Shard] = []
+        kept: list[str] = []
         seen: set[str] = set()
         for shard in self.committed_shards():
             keys = self.keys_of(shard)
             repeated = [k in seen for k in keys]
             if not any(repeated):
                 chosen.append(shard)
+                kept.extend(keys)
             elif not all(repeated):
                 table = pq.read_table(self.location.child(shard.file).path, filesystem=self.location.arrow_fs)
                 keep = pa.array([not r for r in repeated])
                 rewritten = self.write_shard(f"{shard.name}-dedup-{run_id}", table.filter(keep), supersedes=shard.file)
                 chosen.append(rewritten)
+                kept.extend(k for k, r in zip(keys, repeated, strict=True) if not r)
             seen.update(keys)
-        return chosen
+        return chosen, kept
 
     def write_success(self, manifest: dict[str, Any]) -> None:
         storage.write_json(self.location.child(SUCCESS_FILE), manifest)

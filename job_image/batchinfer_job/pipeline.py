@@ -201,8 +201,7 @@ def finish(
     labels: Counter,
 ) -> RunResult:
     """Choose an exactly-once set of committed shards, check it covers every input, write `_SUCCESS.json`."""
-    shards = store.exactly_once(run_id)
-    committed = [key for shard in shards for key in store.keys_of(shard)]
+    shards, committed = store.exactly_once(run_id)
     missing = set(source.all_keys) - set(committed)
     if missing or len(committed) != len(set(committed)):
         raise RuntimeError(
