@@ -206,12 +206,22 @@ def test_metrics_count_reconciles_and_phases(operator, api: Api, namespace: str)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     metrics.serve(port, "127.0.0.1")
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    created = [line for line in text.splitlines() if line.startswith('batchinfer_reconciles_total{handler="create"}')]
-    assert created and float(created[0].split()[-1]) >= 1
-    running = [line for line in text.splitlines() if line.startswith('batchinfer_batchinferences{phase="Running"}')]
-    assert running and float(running[0].split()[-1]) >= 1
-    assert 'batchinfer_children_created_total{kind="RayJob"}' in text
+
+    def sample(text: str, name: str) -> float:
+        found = [line for line in text.splitlines() if line.startswith(name)]
+        return float(found[0].split()[-1]) if found else 0.0
+
+    def scrape() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+    # The phase gauge follows the operator's watch stream, which may lag behind what the API already shows.
+    def running_counted() -> str | None:
+        text = scrape()
+        return text if sample(text, 'batchinfer_batchinferences{phase="Running"}') >= 1 else None
+
+    text = eventually(running_counted, what="the Running gauge")
+    assert sample(text, 'batchinfer_reconciles_total{handler="create"}') >= 1
+    assert sample(text, 'batchinfer_children_created_total{kind="RayJob"}') >= 1
 
 
 def test_liveness_endpoint_answers_for_probes(k8s) -> None:
