@@ -42,16 +42,6 @@ class KubernetesInvalidError(kmock.KubernetesError):
 
 
 @attrs.frozen
-class KubernetesConflictError(kmock.KubernetesError):
-    """409 Conflict, as the API server answers a write that names a stale resourceVersion."""
-
-    status: int = 409
-    reason: str = "Conflict"
-    message: str = ""
-    details: Any = None
-
-
-@attrs.frozen
 class InjectedFaultError(kmock.KubernetesError):
     """A one-shot failure the test asked for (429, 500, 503, …)."""
 
@@ -190,9 +180,11 @@ class StrictEmulator(kmock.KubernetesEmulator):
         expected = meta.get("resourceVersion")
         stored = current.get("metadata", {}).get("resourceVersion")
         if expected is not None and expected != stored:
-            raise KubernetesConflictError(
+            raise kmock.KubernetesError(
+                status=409,
+                reason="Conflict",
                 message=f"Operation cannot be fulfilled on {request.resource.plural} {request.name!r}: the object "
-                "has been modified; please apply your changes to the latest version and try again"
+                "has been modified; please apply your changes to the latest version and try again",
             )
 
     @staticmethod
