@@ -13,7 +13,7 @@ from kubernetes.client.rest import ApiException
 from urllib3.exceptions import ProtocolError
 
 from batchinfer_operator import kube
-from batchinfer_operator.handlers.batchinference import condition, conditions_of, merge_condition
+from batchinfer_operator.handlers.batchinference import condition, conditions_of, merge_condition, record_condition
 from tests.operator_env import Api, eventually, quickstart_spec
 
 
@@ -198,16 +198,13 @@ def test_concurrent_status_writers_keep_each_others_conditions(k8s, namespace) -
     api.create_bi(namespace, "race", quickstart_spec())
     reads: list[str] = []
 
-    def add(kind: str) -> Any:
-        return lambda bi: {
-            "conditions": merge_condition(conditions_of(bi.get("status")), condition(kind, True, kind, "", 1))
-        }
-
     def mirror(bi: dict[str, Any]) -> dict[str, Any]:
         reads.append(bi["metadata"]["resourceVersion"])
         if len(reads) == 1:  # another writer gets in between this read and its write
-            kube.update_batchinference_status(namespace, "race", add("SpecRejected"))
-        return add("Running")(bi)
+            record_condition(namespace, "race", condition("SpecRejected", True, "ImmutableField", "", 1))
+        return {
+            "conditions": merge_condition(conditions_of(bi.get("status")), condition("Running", True, "Running", "", 1))
+        }
 
     kube.update_batchinference_status(namespace, "race", mirror)
     conditions = api.get_bi(namespace, "race")["status"]["conditions"]
