@@ -72,8 +72,8 @@ lock: ## Re-resolve and pin every dependency into requirements.lock
 	{ echo "# Exact versions for every environment (make setup installs with -c requirements.lock)."; \
 	  echo "# Regenerate: make lock"; $(BUILD)/lockenv/bin/pip freeze --exclude-editable | grep -v '^-e'; } > requirements.lock
 
-bench: $(STAMP) ## Benchmark: plain PyTorch loop vs seed Ray Data recipe vs batchinfer (IMAGES=1000)
-	$(BIN)/batchinfer bench --images $(or $(IMAGES),1000)
+bench: $(STAMP) ## Benchmark: plain PyTorch loop vs seed Ray Data recipe vs batchinfer (IMAGES=1000 REPEATS=5)
+	$(BIN)/batchinfer bench --images $(or $(IMAGES),1000) --repeats $(or $(REPEATS),5)
 
 images: ## Build the operator and job images (needs a Docker engine)
 	docker build -f operator/Dockerfile -t batchinfer-operator:dev .

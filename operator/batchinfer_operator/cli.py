@@ -122,8 +122,9 @@ def bench(
     images: int = typer.Option(1000, help="Images in the seeded benchmark set."),
     model: str | None = typer.Option(None, help="torchvision model (default resnet18 on CPU, resnet152 on GPU)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    repeats: int = typer.Option(3, help="Runs of each method (medians are reported)."),
+    repeats: int = typer.Option(5, min=1, help="Timed runs of each method, interleaved (medians are reported)."),
     batch_size: int = typer.Option(32, help="Images per model call for every method."),
+    warmup_images: int = typer.Option(64, min=1, help="Untimed warm-up run of each method on this many images."),
     stage: str = typer.Option("pipeline", help="pipeline (a/b/c with Ray) or predictor (no Ray; GPU hosts)."),
     out: Path = typer.Option(Path("build/bench"), help="Images, chart and results go here."),
 ) -> None:
@@ -155,6 +156,7 @@ def bench(
         device=device,
         repeats=repeats,
         batch_size=batch_size,
+        warmup_images=warmup_images,
         folder=out,
     )
     result = run_pipeline_bench(config, log=lambda line: typer.echo(line, err=True))

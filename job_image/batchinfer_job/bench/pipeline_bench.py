@@ -23,8 +23,9 @@ class BenchConfig:
     images: int = 1000
     model: str = "resnet18"
     device: str = "cpu"
-    repeats: int = 3
+    repeats: int = 5
     batch_size: int = 32
+    warmup_images: int = 64  # per method, untimed, before the timed repeats
     folder: Path = Path("build/bench")
 
 
@@ -68,22 +69,34 @@ def batchinfer_spec(config: BenchConfig, input_dir: Path, output_dir: Path) -> B
     )
 
 
+def method_runs(config: BenchConfig, paths: list[Path], output_dir: Path) -> dict[str, Callable[[], int]]:
+    """One callable per method over the same images; each returns the number of images it predicted."""
+    from batchinfer_job.pipeline import run_pipeline
+
+    spec = batchinfer_spec(config, paths[0].parent, output_dir)
+    return {
+        "plain": lambda: plain_loop(paths, config.model, config.device, config.batch_size),
+        "seed": lambda: seed_recipe(paths, config.model, config.device, config.batch_size, actors=1),
+        "batchinfer": lambda: run_pipeline(spec).total,
+    }
+
+
 def run_pipeline_bench(config: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
+    """Warm up every method once on a small set (untimed), then time them in turn, `repeats` times.
+
+    The warm-up keeps one-time costs of this process (Ray Data's system actors, thread pools, the page cache)
+    off whichever method happens to run first; every timed run still starts its own model and Ray actors.
+    """
     from batchinfer_job.local import start_local_ray
 
     start_local_ray()
-    from batchinfer_job.pipeline import run_pipeline
-
-    input_dir = config.folder / f"images-{config.images}"
-    paths = make_image_set(input_dir, config.images)
+    paths = make_image_set(config.folder / f"images-{config.images}", config.images)
+    warmup_paths = make_image_set(config.folder / f"warmup-{config.warmup_images}", config.warmup_images, seed=1)
     result = BenchResult(config)
     with tempfile.TemporaryDirectory() as out:
-        spec = batchinfer_spec(config, input_dir, Path(out) / "predictions")
-        runs: dict[str, Callable[[], int]] = {
-            "plain": lambda: plain_loop(paths, config.model, config.device, config.batch_size),
-            "seed": lambda: seed_recipe(paths, config.model, config.device, config.batch_size, actors=1),
-            "batchinfer": lambda: run_pipeline(spec).total,
-        }
+        for method, run in method_runs(config, warmup_paths, Path(out) / "warmup").items():
+            log(f"warm-up {method:10s} {timed(run).images_per_second:7.1f} img/s ({len(warmup_paths)} images, untimed)")
+        runs = method_runs(config, paths, Path(out) / "predictions")
         for repeat in range(config.repeats):
             for method in METHODS:
                 sample = timed(runs[method])
@@ -102,7 +115,7 @@ def table(result: BenchResult) -> list[str]:
     plain = result.median("plain")
     lines = [
         f"model={c.model} device={c.device} images={c.images} repeats={c.repeats} batch={c.batch_size} "
-        f"cpus={os.cpu_count()}",
+        f"cpus={os.cpu_count()} warm-up={c.warmup_images} images per method (untimed)",
         f"{'method':26s} {'img/s (median)':>14s} {'spread (min-max)':>18s} {'vs plain':>9s} {'peak RSS MiB':>13s}",
     ]
     for method in METHODS:

@@ -1,0 +1,64 @@
+"""`batchinfer bench`: medians, spreads and ratios follow from the samples; a tiny real run prints the table,
+writes the chart, and ends with the line scripts read."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from batchinfer_job.bench.measure import Sample
+from batchinfer_job.bench.pipeline_bench import METHODS, BenchConfig, BenchResult, summary_line, table
+from batchinfer_operator.cli import app
+
+SUMMARY = re.compile(r"^speedup_vs_plain=(\d+\.\d\d) speedup_vs_seed=(\d+\.\d\d)$")
+ROW = re.compile(r"^\((a|b|c)\) .+?\s+(\d+\.\d)\s+(\d+\.\d)-(\d+\.\d)\s+(\d+\.\d\d)x\s+(\d+)$")
+
+
+def samples(seconds: list[float], images: int = 100, rss_mib: int = 100) -> list[Sample]:
+    return [Sample(images=images, seconds=s, peak_rss=rss_mib * 2**20) for s in seconds]
+
+
+def ratio_bounds(numerator: float, denominator: float) -> tuple[float, float]:
+    """Where a ratio printed to 0.01 can lie, given both operands as printed to 0.1."""
+    return (numerator - 0.05) / (denominator + 0.05) - 0.005, (numerator + 0.05) / (denominator - 0.05) + 0.005
+
+
+def test_medians_spreads_and_ratios_follow_from_the_samples() -> None:
+    result = BenchResult(BenchConfig(images=100, repeats=3))
+    result.samples["plain"] = samples([10.0, 5.0, 4.0])  # 10, 20, 25 img/s: median 20
+    result.samples["seed"] = samples([20.0, 10.0, 12.5])  # 5, 10, 8 img/s: median 8
+    result.samples["batchinfer"] = samples([4.0, 2.5, 5.0], rss_mib=300)  # 25, 40, 20 img/s: median 25
+
+    assert summary_line(result) == "speedup_vs_plain=1.25 speedup_vs_seed=3.12"
+    rows = {m.group(1): m.groups()[1:] for line in table(result) if (m := ROW.match(line))}
+    assert rows["a"] == ("20.0", "10.0", "25.0", "1.00", "100")
+    assert rows["b"] == ("8.0", "5.0", "10.0", "0.40", "100")
+    assert rows["c"] == ("25.0", "20.0", "40.0", "1.25", "300")
+
+
+def test_a_tiny_real_run_prints_the_table_chart_and_last_line(local_ray: None, tmp_path: Path) -> None:
+    args = ["bench", "--images", "12", "--repeats", "1", "--batch-size", "4", "--warmup-images", "4"]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+
+    lines = result.stdout.strip().splitlines()
+    summary = SUMMARY.match(lines[-1])
+    assert summary, lines[-1]
+    rows = {m.group(1): m.groups()[1:] for line in lines if (m := ROW.match(line))}
+    assert sorted(rows) == ["a", "b", "c"]
+    plain, seed, ours = (float(rows[k][0]) for k in "abc")
+    assert all(float(row[-1]) > 0 for row in rows.values())  # peak RSS of each method's process tree
+    # The last line's ratios are the table's medians divided (the table rounds medians to 0.1 img/s).
+    low, high = ratio_bounds(ours, plain)
+    assert low <= float(summary.group(1)) <= high
+    low, high = ratio_bounds(ours, seed)
+    assert low <= float(summary.group(2)) <= high
+    assert "warm-up=4 images per method" in lines[0]
+
+    chart = tmp_path / "bench-resnet18-cpu-12.png"
+    assert chart.read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "bench-resnet18-cpu-12.txt").read_text().splitlines()[-1] == lines[-1]
+    for method in METHODS:
+        assert f"warm-up {method}" in result.stderr
