@@ -161,10 +161,12 @@ def bench(
     )
     result = run_pipeline_bench(config, log=lambda line: typer.echo(line, err=True))
     lines = table(result)
-    chart = bar_chart(result, out / f"bench-{config.model}-{config.device}-{images}.png")
-    (out / f"bench-{config.model}-{config.device}-{images}.txt").write_text("\n".join([*lines, summary_line(result)]))
-    for line in [*lines, f"chart: {chart}", summary_line(result)]:
+    stem = out / f"bench-{config.model}-{config.device}-{images}"
+    stem.with_suffix(".txt").write_text("\n".join([*lines, summary_line(result)]))
+    for line in lines:  # printed before the chart is drawn, so a failing chart loses no measurement
         typer.echo(line)
+    typer.echo(f"chart: {bar_chart(result, stem.with_suffix('.png'))}")
+    typer.echo(summary_line(result))
 
 
 @app.command("demo-data")
