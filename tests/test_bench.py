@@ -38,9 +38,16 @@ def test_medians_spreads_and_ratios_follow_from_the_samples() -> None:
     assert rows["c"] == ("25.0", "20.0", "40.0", "1.25", "300")
 
 
+def test_the_header_names_the_precision_batchinfer_resolved_to() -> None:
+    result = BenchResult(BenchConfig(precision="auto"), batchinfer_dtype="bf16")
+    for method in METHODS:
+        result.samples[method] = samples([1.0])
+    assert table(result)[1] == "precision: (a) and (b) fp32, (c) bf16 (compute.precision=auto)"
+
+
 def test_a_tiny_real_run_prints_the_table_chart_and_last_line(local_ray: None, tmp_path: Path) -> None:
     args = ["bench", "--images", "12", "--repeats", "1", "--batch-size", "4", "--warmup-images", "4"]
-    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--out", str(tmp_path)])
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
 
     lines = result.stdout.strip().splitlines()
@@ -56,6 +63,7 @@ def test_a_tiny_real_run_prints_the_table_chart_and_last_line(local_ray: None, t
     low, high = ratio_bounds(ours, seed)
     assert low <= float(summary.group(2)) <= high
     assert "warm-up=4 images per method" in lines[0]
+    assert lines[1] == "precision: (a) and (b) fp32, (c) fp32 (compute.precision=fp32)"
 
     chart = tmp_path / "bench-resnet18-cpu-12.png"
     assert chart.read_bytes().startswith(b"\x89PNG")

@@ -11,7 +11,7 @@ import torch
 
 from batchinfer_job.decode import decode_batch
 from batchinfer_job.models import preprocess_for
-from batchinfer_job.predictor import PredictorConfig, TorchPredictor
+from batchinfer_job.predictor import PredictorConfig, TorchPredictor, pick_dtype
 from batchinfer_job.spec import ModelSpec
 from tests.conftest import BROKEN
 
@@ -54,6 +54,24 @@ def test_switch_keeps_fp32_top1(images, reference, device, precision, optimize, 
     assert agreement == 1.0 if exact else agreement >= 0.9, (agreement, predictor.optimized)
 
 
-def test_auto_picks_torchscript_fp32_on_cpu() -> None:
+@pytest.mark.parametrize(
+    ("device", "cuda_bf16", "cpu_amx", "expected"),
+    [
+        ("cpu", False, False, torch.float32),
+        ("cpu", False, True, torch.bfloat16),
+        ("cpu", True, False, torch.float32),  # a GPU's bf16 says nothing about the CPU
+        ("cuda", True, False, torch.bfloat16),
+        ("cuda", False, True, torch.float32),  # nor the CPU's AMX about the GPU
+    ],
+)
+def test_auto_precision_is_bf16_only_where_the_hardware_runs_it(device, cuda_bf16, cpu_amx, expected) -> None:
+    assert pick_dtype("auto", torch.device(device), cuda_bf16=cuda_bf16, cpu_amx=cpu_amx) == expected
+    assert pick_dtype("fp32", torch.device(device), cuda_bf16=True, cpu_amx=True) == torch.float32
+
+
+def test_auto_on_this_cpu_follows_its_amx_flag() -> None:
+    """bf16 eager on a CPU with AMX (read from /proc/cpuinfo, not from torch), else frozen TorchScript in fp32."""
+    amx = "amx_bf16" in Path("/proc/cpuinfo").read_text()
     predictor = TorchPredictor(PredictorConfig(model=MODEL, device="cpu"))
-    assert (predictor.dtype, predictor.optimized) == (torch.float32, "torchscript")
+    expected = (torch.bfloat16, "eager") if amx else (torch.float32, "torchscript")
+    assert (predictor.dtype, predictor.optimized) == expected

@@ -26,6 +26,7 @@ from batchinfer_job.spec import ModelSpec
 
 log = logging.getLogger("batchinfer.predictor")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_NAMES = {dtype: name for name, dtype in _DTYPES.items()}  # torch.bfloat16 → "bf16"
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,32 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
-def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), which run bf16 matmuls natively."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, hence the guard
+    return bool(probe and probe())
+
+
+def pick_dtype(precision: str, device: torch.device, *, cuda_bf16: bool, cpu_amx: bool) -> torch.dtype:
+    """compute.precision → dtype. auto is bf16 where the hardware runs it natively, else fp32.
+
+    Measured on a 2-core AMX host (resnet18): bf16 eager 90.7 img/s against 48.1 for fp32 TorchScript; without
+    AMX, bf16 was 6-30x slower than fp32.
+    """
     if precision != "auto":
         return _DTYPES[precision]
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    native_bf16 = cuda_bf16 if device.type == "cuda" else cpu_amx
+    return torch.bfloat16 if native_bf16 else torch.float32
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """pick_dtype with this host's hardware filled in."""
+    return pick_dtype(
+        precision,
+        device,
+        cuda_bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
+        cpu_amx=device.type == "cpu" and cpu_has_amx(),
+    )
 
 
 class BatchTimeoutError(TimeoutError):
@@ -118,7 +139,7 @@ class TorchPredictor:
         spec = ModelSpec.model_validate(config.model)
         self.top_k = config.top_k
         self.device = pick_device(config.device)
-        self.dtype = pick_dtype(config.precision, self.device)
+        self.dtype = resolve_dtype(config.precision, self.device)
         self.batch_timeout = config.batch_timeout
         self.user_predictor: Callable[[dict[str, np.ndarray]], dict[str, Any]] | None = None
         self.categories: list[str] = []
@@ -143,6 +164,13 @@ class TorchPredictor:
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor([m * 255 for m in pre.mean], device=self.device).view(shape)
         self.std = torch.tensor([s * 255 for s in pre.std], device=self.device).view(shape)
+        log.info(
+            "model_ready device=%s precision=%s optimize=%s threads=%d",
+            self.device,
+            PRECISION_NAMES[self.dtype],
+            self.optimized,
+            torch.get_num_threads(),
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         keys = [str(k) for k in batch["key"]]

@@ -217,7 +217,11 @@ class ComputeSpec(_Model):
         default="auto", description="Where the model runs; auto picks cuda when the actor has a GPU."
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        default="auto", description="Model arithmetic; auto is bf16 on GPUs that support it, else fp32."
+        default="auto",
+        description=(
+            "Model arithmetic; auto is bf16 where the hardware runs it natively (GPUs with bf16, CPUs with AMX), "
+            "else fp32."
+        ),
     )
     minActors: int = Field(default=1, ge=1, le=1024, description="Fewest model actors in the pool.")
     maxActors: int = Field(default=1, ge=1, le=1024, description="Most model actors in the pool.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import typer
 import yaml
@@ -121,11 +121,16 @@ def docs(readme: Path = typer.Option(Path("README.md"), help="README to update i
 def bench(
     images: int = typer.Option(1000, help="Images in the seeded benchmark set."),
     model: str | None = typer.Option(None, help="torchvision model (default resnet18 on CPU, resnet152 on GPU)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: Literal["auto", "cpu", "cuda"] = typer.Option("auto", help="Where models run."),
     repeats: int = typer.Option(5, min=1, help="Timed runs of each method, interleaved (medians are reported)."),
     batch_size: int = typer.Option(32, help="Images per model call for every method."),
     warmup_images: int = typer.Option(64, min=1, help="Untimed warm-up run of each method on this many images."),
-    stage: str = typer.Option("pipeline", help="pipeline (a/b/c with Ray) or predictor (no Ray; GPU hosts)."),
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = typer.Option(
+        "auto", help="batchinfer's compute.precision; the plain loop and the seed recipe stay fp32."
+    ),
+    stage: Literal["pipeline", "predictor"] = typer.Option(
+        "pipeline", help="pipeline (a/b/c with Ray) or predictor (no Ray; GPU hosts)."
+    ),
     out: Path = typer.Option(Path("build/bench"), help="Images, chart and results go here."),
 ) -> None:
     """Measure batchinfer against a plain PyTorch loop and the seed Ray Data recipe (prints ratios)."""
@@ -157,6 +162,7 @@ def bench(
         repeats=repeats,
         batch_size=batch_size,
         warmup_images=warmup_images,
+        precision=precision,
         folder=out,
     )
     result = run_pipeline_bench(config, log=lambda line: typer.echo(line, err=True))

@@ -26,6 +26,7 @@ class BenchConfig:
     repeats: int = 5
     batch_size: int = 32
     warmup_images: int = 64  # per method, untimed, before the timed repeats
+    precision: str = "auto"  # batchinfer's compute.precision; (a) and (b) run fp32 as the seed recipe does
     folder: Path = Path("build/bench")
 
 
@@ -33,6 +34,7 @@ class BenchConfig:
 class BenchResult:
     config: BenchConfig
     samples: dict[str, list[Sample]] = field(default_factory=lambda: {m: [] for m in METHODS})
+    batchinfer_dtype: str = "fp32"  # what batchinfer's precision resolved to on this host
 
     def median(self, method: str) -> float:
         return statistics.median(s.images_per_second for s in self.samples[method])
@@ -64,6 +66,7 @@ def batchinfer_spec(config: BenchConfig, input_dir: Path, output_dir: Path) -> B
                 "cpusPerActor": 1,
                 "preprocessCpus": 1,
                 "torchThreads": cpus,
+                "precision": config.precision,
             },
         }
     )
@@ -81,6 +84,13 @@ def method_runs(config: BenchConfig, paths: list[Path], output_dir: Path) -> dic
     }
 
 
+def resolved_precision(config: BenchConfig) -> str:
+    """The dtype batchinfer's actors will pick for `config.precision` on this host (e.g. auto → bf16 with AMX)."""
+    from batchinfer_job.predictor import PRECISION_NAMES, pick_device, resolve_dtype
+
+    return PRECISION_NAMES[resolve_dtype(config.precision, pick_device(config.device))]
+
+
 def run_pipeline_bench(config: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
     """Warm up every method once on a small set (untimed), then time them in turn, `repeats` times.
 
@@ -92,7 +102,7 @@ def run_pipeline_bench(config: BenchConfig, log: Callable[[str], None] = print) 
     start_local_ray()
     paths = make_image_set(config.folder / f"images-{config.images}", config.images)
     warmup_paths = make_image_set(config.folder / f"warmup-{config.warmup_images}", config.warmup_images, seed=1)
-    result = BenchResult(config)
+    result = BenchResult(config, batchinfer_dtype=resolved_precision(config))
     with tempfile.TemporaryDirectory() as out:
         for method, run in method_runs(config, warmup_paths, Path(out) / "warmup").items():
             log(f"warm-up {method:10s} {timed(run).images_per_second:7.1f} img/s ({len(warmup_paths)} images, untimed)")
@@ -116,6 +126,7 @@ def table(result: BenchResult) -> list[str]:
     lines = [
         f"model={c.model} device={c.device} images={c.images} repeats={c.repeats} batch={c.batch_size} "
         f"cpus={os.cpu_count()} warm-up={c.warmup_images} images per method (untimed)",
+        f"precision: (a) and (b) fp32, (c) {result.batchinfer_dtype} (compute.precision={c.precision})",
         f"{'method':26s} {'img/s (median)':>14s} {'spread (min-max)':>18s} {'vs plain':>9s} {'peak RSS MiB':>13s}",
     ]
     for method in METHODS:
