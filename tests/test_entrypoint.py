@@ -15,9 +15,7 @@ from tests.helpers import make_spec
 
 
 def test_entrypoint_runs_the_spec_from_the_rendered_configmap(tmp_path: Path, photo_dir: Path) -> None:
-    spec = make_spec(
-        str(photo_dir), str(tmp_path / "out"), model={"predictor": "batchinfer_job.examples:DominantChannelPredictor"}
-    )
+    spec = make_spec(str(photo_dir), str(tmp_path / "out"))  # a real model: its actor logs model_ready
     configmap = render_children(spec, Owner("e2e", "ns"), OperatorSettings())[0]
     mounted = tmp_path / "etc-batchinfer" / SPEC_FILE
     mounted.parent.mkdir()
@@ -29,6 +27,7 @@ def test_entrypoint_runs_the_spec_from_the_rendered_configmap(tmp_path: Path, ph
     finished = json.loads(result.stdout.strip().splitlines()[-1])
     assert finished == {"event": "finished", "total": 26, "succeeded": 24, "failed": 2, "output": str(tmp_path / "out")}
     assert len(read_predictions(str(tmp_path / "out"))) == 26
+    assert "model_ready device=cpu precision=" in result.stderr  # the actor's INFO lines reach the job's log
 
 
 def test_entrypoint_refuses_an_invalid_spec_file_with_field_paths(tmp_path: Path) -> None:

@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     from batchinfer_job.local import job_failures
     from batchinfer_job.pipeline import run_pipeline
 
-    ray.init()  # the RayJob's cluster (RAY_ADDRESS is set by KubeRay)
+    # The RayJob's cluster (RAY_ADDRESS is set by KubeRay). INFO in every task and actor too, so the model
+    # actor's `model_ready device=… precision=…` line reaches the job's log.
+    ray.init(logging_config=ray.LoggingConfig(encoding="TEXT", log_level="INFO"))
     reporter = StatusReporter.in_cluster()
     try:
         result = run_pipeline(document.spec, on_progress=reporter)
