@@ -24,7 +24,10 @@ pytestmark = pytest.mark.usefixtures("local_ray")
 @pytest.fixture(scope="module")
 def lite_run(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("lite") / "predictions"
-    spec = make_spec(str(photo_dir), str(out))
+    # fp32, the reference loop's arithmetic: top-1 must then match exactly. (auto may pick bf16 on an AMX host;
+    # test_precision holds every precision to fp32's top-1 within a tolerance.)
+    compute = {"device": "cpu", "minActors": 1, "maxActors": 1, "precision": "fp32"}
+    spec = make_spec(str(photo_dir), str(out), compute=compute)
     result = run_local(spec, on_progress=None)
     return spec, result, read_predictions(str(out)).to_pylist(), out
 
