@@ -126,7 +126,7 @@ def bench(
     batch_size: int = typer.Option(32, help="Images per model call for every method."),
     warmup_images: int = typer.Option(64, min=1, help="Untimed warm-up run of each method on this many images."),
     precision: Literal["auto", "fp32", "bf16", "fp16"] = typer.Option(
-        "auto", help="batchinfer's compute.precision; the plain loop and the seed recipe stay fp32."
+        "auto", help="pipeline stage: batchinfer's compute.precision (the plain loop and the seed stay fp32)."
     ),
     stage: Literal["pipeline", "predictor"] = typer.Option(
         "pipeline", help="pipeline (a/b/c with Ray) or predictor (no Ray; GPU hosts)."
