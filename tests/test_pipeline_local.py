@@ -26,8 +26,8 @@ def lite_run(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("lite") / "predictions"
     # fp32, the reference loop's arithmetic: top-1 must then match exactly. (auto may pick bf16 on an AMX host;
     # test_precision holds every precision to fp32's top-1 within a tolerance.)
-    compute = {"device": "cpu", "minActors": 1, "maxActors": 1, "precision": "fp32"}
-    spec = make_spec(str(photo_dir), str(out), compute=compute)
+    spec = make_spec(str(photo_dir), str(out))
+    spec = spec.model_copy(update={"compute": spec.compute.model_copy(update={"precision": "fp32"})})
     result = run_local(spec, on_progress=None)
     return spec, result, read_predictions(str(out)).to_pylist(), out
 
