@@ -75,4 +75,4 @@ def test_readme_spec_reference_is_generated_from_the_schema() -> None:
 
     readme = Path("README.md").read_text()
     assert replace_reference(readme) == readme, "README spec reference drifted: run `make docs`"
-    assert "| `spec.model.torchvision.name` | string |" in readme
+    assert "| `spec.model.torchvision.name` | string (one of" in readme

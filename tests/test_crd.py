@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,16 @@ def test_cel_rules_guard_model_source_and_immutability() -> None:
             "message": f"spec.{field} is immutable; create a new BatchInference instead",
         } in spec[field]["x-kubernetes-validations"]
     assert "x-kubernetes-validations" not in spec["suspend"]
+
+
+def test_generated_crds_hold_no_yaml_anchors_or_aliases() -> None:
+    for path in [Path("manifests/crds/batchinference.yaml"), Path("charts/batchinfer/crds/batchinference.yaml")]:
+        text = path.read_text()
+        assert not re.search(r"[&*]id\d+", text), f"{path} carries YAML anchors/aliases"
+
+
+def test_torchvision_catalog_matches_the_installed_torchvision() -> None:
+    from batchinfer_job import torchvision_catalog
+
+    assert torchvision_catalog.CATALOG_FILE.read_text() == torchvision_catalog.catalog_json(), "run `make crds`"
+    assert "resnet152" in torchvision_catalog.catalog()

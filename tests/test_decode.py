@@ -7,17 +7,28 @@ import pytest
 from PIL import Image
 from torchvision.transforms import functional as tvf
 
-from batchinfer_job.decode import Preprocess, center_crop, decode_batch, resize_short_side
+from batchinfer_job.decode import Preprocess, decode_batch, resize_and_crop
 
-SIZES = [(500, 375), (375, 500), (256, 256), (300, 200), (100, 80), (640, 481), (257, 999), (224, 223)]
+SIZES = [(500, 375), (375, 500), (256, 256), (300, 200), (100, 80), (640, 481), (257, 999), (224, 223), (80, 3000)]
 
 
 @pytest.mark.parametrize(("w", "h"), SIZES)
-def test_resize_and_crop_match_torchvision(w: int, h: int) -> None:
+@pytest.mark.parametrize(("resize", "crop"), [(256, 224), (256, 256), (200, 224), (232, 224)])
+def test_resize_and_crop_match_torchvision(w: int, h: int, resize: int, crop: int) -> None:
+    """Only the crop window is computed, yet every pixel equals torchvision's Resize + CenterCrop."""
     img = Image.fromarray(np.random.default_rng(w * h).integers(0, 255, (h, w, 3), dtype=np.uint8))
-    ours = np.asarray(center_crop(resize_short_side(img, 256), 224))
-    assert (ours == np.asarray(tvf.center_crop(tvf.resize(img, 256), 224))).all()
-    assert (np.asarray(center_crop(img, 300)) == np.asarray(tvf.center_crop(img, 300))).all()
+    ours = np.asarray(resize_and_crop(img, Preprocess(resize=resize, crop=crop)))
+    assert (ours == np.asarray(tvf.center_crop(tvf.resize(img, resize), crop))).all()
+
+
+@pytest.mark.parametrize(("w", "h"), [(3, 2000), (2000, 3), (1, 900)])
+def test_extreme_aspect_ratios_resample_only_the_crop(w: int, h: int) -> None:
+    """Past MAX_RESIZED_FACTOR crops of pixels, only the window is resampled: within 1 of torchvision."""
+    img = Image.fromarray(np.random.default_rng(w + h).integers(0, 255, (h, w, 3), dtype=np.uint8))
+    ours = np.asarray(resize_and_crop(img, Preprocess()), dtype=int)
+    reference = np.asarray(tvf.center_crop(tvf.resize(img, 256), 224), dtype=int)
+    assert ours.shape == reference.shape == (224, 224, 3)
+    assert np.abs(ours - reference).max() <= 1
 
 
 def test_oversized_input_becomes_an_error_row(tmp_path) -> None:

@@ -108,6 +108,8 @@ def test_error_if_exists_refuses_with_clear_message(photo_dir: Path, tmp_path: P
     out.mkdir()
     (out / "old.parquet").write_bytes(b"previous results")
     spec = make_spec(str(photo_dir), str(out), input={"uri": str(photo_dir), "limit": 2})
-    with pytest.raises(OutputExistsError, match=r"output\.uri .* already holds data; set output\.mode: overwrite"):
+    with pytest.raises(
+        OutputExistsError, match=r"output\.uri .* holds files batchinfer did not write \(old\.parquet\)"
+    ):
         run_local(spec, on_progress=None)
     assert (out / "old.parquet").read_bytes() == b"previous results"  # nothing lost

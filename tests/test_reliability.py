@@ -195,7 +195,7 @@ def test_a_different_job_never_resumes_another_jobs_output(tmp_path: Path) -> No
     write_images(tmp_path / "in", 4)
     store = OutputStore(resolve(str(tmp_path / "out")))
     store.prepare("error_if_exists", fingerprint="some-other-job")
-    with pytest.raises(Exception, match=r"already holds data; set output\.mode: overwrite"):
+    with pytest.raises(Exception, match=r"already holds batchinfer output; set output\.mode: overwrite"):
         run_local(spec_for(tmp_path), on_progress=None)
 
 
@@ -224,5 +224,5 @@ def test_another_attempts_job_file_still_in_flight_is_not_foreign_data(tmp_path:
     assert json.loads((out / "_job.json").read_text()) == {"fingerprint": "job-1"}
     (out / "part-x.parquet").write_bytes(b"data")
     (out / "_job.json").unlink()
-    with pytest.raises(Exception, match=r"already holds data"):
+    with pytest.raises(Exception, match=r"holds files batchinfer did not write \(part-x\.parquet\)"):
         OutputStore(resolve(str(out))).prepare("error_if_exists", "job-1")

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from batchinfer_job.documents import load_batchinference
+from batchinfer_job.documents import load_batchinferences
 from batchinfer_job.spec import BatchInferenceSpec
 from batchinfer_operator import naming
 from batchinfer_operator.cli import app
@@ -45,7 +45,7 @@ def test_render_output_of_every_sample_passes_the_kuberay_crd(sample: Path) -> N
 
 
 def test_gpu_sample_requests_gpus_and_sets_replicas_explicitly() -> None:
-    doc = load_batchinference(Path("manifests/samples/resnet152-gpu-s3.yaml"))
+    doc = load_batchinferences(Path("manifests/samples/resnet152-gpu-s3.yaml"))[0]
     rayjob = render_rayjob(doc.spec, Owner(doc.metadata.name, "ml-batch"), SETTINGS)
     group = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (1, 1, 4)
@@ -59,7 +59,7 @@ def test_gpu_sample_requests_gpus_and_sets_replicas_explicitly() -> None:
 
 
 def test_kueue_sample_gets_queue_label_and_stays_suspended() -> None:
-    doc = load_batchinference(Path("manifests/samples/kueue-queued.yaml"))
+    doc = load_batchinferences(Path("manifests/samples/kueue-queued.yaml"))[0]
     rayjob = render_rayjob(doc.spec, Owner(doc.metadata.name, "ml-batch"), SETTINGS)
     assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-ml"
     assert rayjob["spec"]["suspend"] is True
@@ -67,7 +67,7 @@ def test_kueue_sample_gets_queue_label_and_stays_suspended() -> None:
 
 
 def test_credentials_only_by_reference() -> None:
-    doc = load_batchinference(Path("manifests/samples/resnet152-gpu-s3.yaml"))
+    doc = load_batchinferences(Path("manifests/samples/resnet152-gpu-s3.yaml"))[0]
     children = render_children(doc.spec, Owner(doc.metadata.name, "ml-batch"), SETTINGS)
     head = by_kind(children)["RayJob"]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     assert head["containers"][0]["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
@@ -87,6 +87,12 @@ HOSTILE = [
 
 @pytest.mark.parametrize("evil", HOSTILE)
 def test_hostile_strings_cannot_change_the_entrypoint(evil: str) -> None:
+    if "\n" in evil:  # control characters never reach a URI
+        with pytest.raises(ValueError, match=r"input\.uri contains a control character"):
+            BatchInferenceSpec.model_validate(
+                {"model": {"packaged": "efficientnet_lite0"}, "input": {"uri": evil}, "output": {"uri": "/o"}}
+            )
+        evil = evil.replace("\n", " ")
     spec = BatchInferenceSpec.model_validate(
         {
             "model": {"predictor": "pkg.mod:Predictor"},

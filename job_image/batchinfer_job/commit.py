@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,7 +36,21 @@ ERRORS_DIR = "_errors"
 
 
 class OutputExistsError(FileExistsError):
-    """output.mode=error_if_exists and the output already holds data."""
+    """The output cannot be used: it holds data (error_if_exists), foreign files, or is a file."""
+
+
+IN_FLIGHT_MARK = storage.IN_FLIGHT
+_OWN_FILE = re.compile(
+    r"^(_SUCCESS\.json|_job\.json|part-[0-9a-f]+-\d+(-dedup-[0-9a-f]+)*\.parquet"
+    r"|_shards/part-[0-9a-f]+-\d+(-dedup-[0-9a-f]+)*\.json|_errors/part-[0-9a-f]+-\d+(-dedup-[0-9a-f]+)*\.parquet)"
+    r"(\.tmp-[0-9a-f]+)?$"
+)
+
+
+def is_own_file(relative: str) -> bool:
+    """Whether a file (relative to output.uri) is one batchinfer writes: manifest, job record, shards,
+    commit records, dead letters, or one of those still in flight. Only these are ever deleted."""
+    return bool(_OWN_FILE.match(relative))
 
 
 @dataclass(frozen=True)
@@ -72,20 +87,34 @@ class OutputStore:
     def prepare(self, mode: str, fingerprint: str) -> list[Shard]:
         """Get the output ready; returns shards already committed by earlier attempts of this job.
 
-        A finished output (`_SUCCESS.json`) or foreign data is refused (error_if_exists) or cleared
-        (overwrite); an unfinished output of the same job is resumed in either mode.
+        A finished output (`_SUCCESS.json`) or another job's output is refused (error_if_exists) or has
+        batchinfer's own files removed (overwrite); an unfinished output of the same job is resumed in either
+        mode. Files batchinfer did not write are never deleted: their presence refuses the job in both modes.
         """
+        if self.location.fs.isfile(self.location.path):
+            raise OutputExistsError(
+                f"output.uri {self.location.uri!r} is an existing file; give a folder or prefix of its own"
+            )
         if self._resumable(fingerprint):
             return self.committed_shards()
         if storage.has_data(self.location):
             if self._resumable(fingerprint):  # another attempt of this job started in between
                 return self.committed_shards()
+            files = storage.files_under(self.location)
+            foreign = [f for f in files if not is_own_file(f)]
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                raise OutputExistsError(
+                    f"output.uri {self.location.uri!r} holds files batchinfer did not write ({shown}); "
+                    "nothing was deleted. Move them away or choose another output.uri (output.mode: overwrite "
+                    "removes only batchinfer's own output)"
+                )
             if mode != "overwrite":
                 raise OutputExistsError(
-                    f"output.uri {self.location.uri!r} already holds data; set output.mode: overwrite to replace "
-                    "it, or choose another output.uri"
+                    f"output.uri {self.location.uri!r} already holds batchinfer output; set output.mode: "
+                    "overwrite to replace it, or choose another output.uri"
                 )
-            storage.remove_tree(self.location)
+            storage.remove_files(self.location, [f for f in files if IN_FLIGHT_MARK not in f])
         storage.ensure_folder(self.location)
         storage.write_json(self.location.child(JOB_FILE), {"fingerprint": fingerprint})
         return []

@@ -14,8 +14,10 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from batchinfer_job import storage
+from batchinfer_job.spec import DEFAULT_MAX_IMAGE_PIXELS
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error row, not a half-grey image
+Image.MAX_IMAGE_PIXELS = None  # input.maxImagePixels is the limit (checked from the header in decode_image)
 
 
 @dataclass(frozen=True)
@@ -28,37 +30,66 @@ class Preprocess:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
-def resize_short_side(img: Image.Image, size: int) -> Image.Image:
-    """torchvision's `Resize(size)` on a PIL image, to the pixel: bilinear, the long side truncated."""
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """torchvision's `Resize(size)` geometry: the short side becomes `size`, the long side is truncated."""
+    short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    return img if (new_w, new_h) == (w, h) else img.resize((new_w, new_h), Image.BILINEAR)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
-def center_crop(img: Image.Image, size: int) -> Image.Image:
-    """torchvision's `CenterCrop(size)` on a PIL image: zero padding when smaller, rounded offsets."""
+def _crop_span(resized: int, crop: int) -> tuple[int, int, int]:
+    """Along one axis of the resized image: (first kept pixel, pixels kept, zero padding before them),
+    as torchvision's `CenterCrop` does it (rounded offsets; zero padding when the image is smaller)."""
+    if resized >= crop:
+        return round((resized - crop) / 2.0), crop, 0
+    return 0, resized, (crop - resized) // 2
+
+
+MAX_RESIZED_FACTOR = 64  # the resized image may hold at most this many crops' worth of pixels
+
+
+def resize_and_crop(img: Image.Image, preprocess: Preprocess) -> Image.Image:
+    """torchvision's `Resize(resize)` then `CenterCrop(crop)`, with memory bounded by the crop size.
+
+    Where the resized image stays within MAX_RESIZED_FACTOR crops (every ordinary photo) it is made whole
+    and cropped: pixel-identical to torchvision. Beyond that (a 1 x 100,000 strip would become 256 x 25.6 M)
+    only the crop window is resampled, from the matching box of the source: the same geometry and filter,
+    off by at most 1 in a few pixels from float rounding, in crop x crop memory.
+    """
     w, h = img.size
-    if size > w or size > h:
-        padded = Image.new(img.mode, (max(w, size), max(h, size)))
-        padded.paste(img, ((size - w) // 2 if size > w else 0, (size - h) // 2 if size > h else 0))
-        img, (w, h) = padded, padded.size
-        if (w, h) == (size, size):
-            return img
-    top, left = round((h - size) / 2.0), round((w - size) / 2.0)
-    return img.crop((left, top, left + size, top + size))
+    new_w, new_h = resized_size(w, h, preprocess.resize)
+    left, keep_w, pad_left = _crop_span(new_w, preprocess.crop)
+    top, keep_h, pad_top = _crop_span(new_h, preprocess.crop)
+    if (new_w, new_h) == (w, h):
+        window = img.crop((left, top, left + keep_w, top + keep_h))
+    elif new_w * new_h <= MAX_RESIZED_FACTOR * preprocess.crop * preprocess.crop:
+        window = img.resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + keep_w, top + keep_h))
+    else:
+        sx, sy = w / new_w, h / new_h
+        box = (left * sx, top * sy, (left + keep_w) * sx, (top + keep_h) * sy)
+        window = img.resize((keep_w, keep_h), Image.BILINEAR, box=box)
+    if (keep_w, keep_h) == (preprocess.crop, preprocess.crop):
+        return window
+    padded = Image.new(img.mode, (preprocess.crop, preprocess.crop))
+    padded.paste(window, (pad_left, pad_top))
+    return padded
 
 
-def decode_image(data: bytes, preprocess: Preprocess) -> np.ndarray:
+def decode_image(data: bytes, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Bytes → RGB uint8 array of shape (crop, crop, 3). Raises on undecodable input.
 
-    Pure PIL (no torch import): decode workers start fast and stay small.
+    An image of more than `max_pixels` is refused from its header, before its pixels are decoded. Pure PIL
+    (no torch import): decode workers start fast and stay small.
     """
     with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise Image.DecompressionBombError(
+                f"{width}x{height} = {width * height} pixels > input.maxImagePixels {max_pixels}"
+            )
         img.load()
         rgb = img.convert("RGB")
-    return np.asarray(center_crop(resize_short_side(rgb, preprocess.resize), preprocess.crop), dtype=np.uint8)
+    return np.asarray(resize_and_crop(rgb, preprocess), dtype=np.uint8)
 
 
 def _error(stage: str, err: BaseException) -> str:
@@ -66,7 +97,11 @@ def _error(stage: str, err: BaseException) -> str:
 
 
 def decode_batch(
-    batch: dict[str, np.ndarray], *, preprocess: Preprocess, max_bytes: int | None = None
+    batch: dict[str, np.ndarray],
+    *,
+    preprocess: Preprocess,
+    max_bytes: int | None = None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict[str, Any]:
     """Read (when rows carry `uri`) and decode a batch.
 
@@ -91,8 +126,8 @@ def decode_batch(
             errors[i] = _error("read", storage.TooLargeError(f"{len(data)} bytes > input.maxImageBytes {max_bytes}"))
             continue
         try:
-            images[i] = decode_image(bytes(data), preprocess)
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as err:
+            images[i] = decode_image(bytes(data), preprocess, max_pixels)
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError, MemoryError) as err:
             errors[i] = _error("decode", err)
     return {"key": np.asarray(keys, dtype=object), "image": images, "error": np.asarray(errors, dtype=object)}
 

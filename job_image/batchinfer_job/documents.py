@@ -1,4 +1,9 @@
-"""Reading BatchInference documents (YAML files or API objects) and explaining what is wrong with them."""
+"""Reading BatchInference documents (YAML files or API objects) and explaining what is wrong with them.
+
+User documents are bounded the way the API server bounds them: at most `MAX_DOCUMENT_BYTES` (its 1.5 MiB
+object limit), UTF-8, no anchors or aliases (Kubernetes sends JSON, so a spec never needs them), at most
+`MAX_DEPTH` levels of nesting, and no duplicate keys. Whatever breaks a bound is a `SpecError` naming it.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,14 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from yaml.composer import ComposerError
+from yaml.constructor import ConstructorError
+from yaml.nodes import MappingNode, Node
 
-from batchinfer_job.spec import BatchInference, BatchInferenceSpec
+from batchinfer_job.spec import KIND, BatchInference, BatchInferenceSpec
+
+MAX_DOCUMENT_BYTES = 3 * 2**19  # 1.5 MiB: what the API server stores per object
+MAX_DEPTH = 64
 
 
 class SpecError(ValueError):
@@ -17,6 +28,46 @@ class SpecError(ValueError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
         self.problems = problems
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors, aliases, deep nesting and duplicate keys."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ComposerError(
+                None, None, "YAML aliases (*name) are not accepted; write the value out", event.start_mark
+            )
+        event = self.peek_event()
+        if getattr(event, "anchor", None) is not None:
+            raise ComposerError(
+                None, None, "YAML anchors (&name) are not accepted; write the value out", event.start_mark
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise ComposerError(
+                    None, None, f"nested deeper than {MAX_DEPTH} levels; flatten the document", event.start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list | dict):
+                raise ConstructorError(None, None, "mapping keys must be scalars", key_node.start_mark)
+            if key in seen:
+                raise ConstructorError(None, None, f"duplicate key {key!r}; keep only one of them", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _path(loc: tuple[Any, ...]) -> str:
@@ -64,21 +115,66 @@ def parse_document(document: Any) -> BatchInference:
         raise SpecError(explain(err)) from None
 
 
-def load_documents(path: Path) -> list[Any]:
-    """Every YAML document in a file (empty documents skipped)."""
+def read_text(path: Path) -> str:
+    """A document file's text: at most MAX_DOCUMENT_BYTES, UTF-8; anything else is a SpecError."""
     try:
-        text = path.read_text()
+        if not path.is_file():
+            raise SpecError([f"{path}: not a regular file; give the path of a YAML file"])
+        with path.open("rb") as handle:
+            data = handle.read(MAX_DOCUMENT_BYTES + 1)
     except OSError as err:
         raise SpecError([f"{path}: cannot read: {err.strerror}"]) from None
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise SpecError([f"{path}: larger than {MAX_DOCUMENT_BYTES} bytes, the API server's limit for one object"])
     try:
-        return [d for d in yaml.safe_load_all(text) if d is not None]
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError([f"{path}: not UTF-8 text (byte {err.start}); save the file as UTF-8"]) from None
+
+
+def parse_yaml(text: str, source: str) -> list[Any]:
+    """Every YAML document in `text` (empty documents skipped), within the bounds above."""
+    loader = _BoundedLoader(text)
+    try:
+        documents = []
+        while loader.check_data():
+            document = loader.get_data()
+            if document is not None:
+                documents.append(document)
+        return documents
     except yaml.YAMLError as err:
-        raise SpecError([f"{path}: not valid YAML: {err}"]) from None
+        raise SpecError([f"{source}: not valid YAML: {err}"]) from None
+    finally:
+        loader.dispose()
 
 
-def load_batchinference(path: Path) -> BatchInference:
-    """The one BatchInference in a file; SpecError lists every problem."""
-    documents = [d for d in load_documents(path) if not isinstance(d, dict) or d.get("kind") == "BatchInference"]
-    if len(documents) != 1:
-        raise SpecError([f"{path}: expected exactly one BatchInference document, found {len(documents)}"])
-    return parse_document(documents[0])
+def load_documents(path: Path) -> list[Any]:
+    """Every YAML document in a file (empty documents skipped)."""
+    return parse_yaml(read_text(path), str(path))
+
+
+def load_batchinferences(path: Path) -> list[BatchInference]:
+    """Every document of a file, each a valid BatchInference; SpecError lists every problem of every one.
+
+    `validate`, `render` and `run` all read files through this, so they accept and refuse the same files.
+    """
+    documents = load_documents(path)
+    if not documents:
+        raise SpecError([f"{path}: no YAML documents"])
+    found, problems = [], []
+    for index, document in enumerate(documents):
+        where = f"{path}" + (f"[{index}]" if len(documents) > 1 else "")
+        kind = document.get("kind") if isinstance(document, dict) else None
+        if isinstance(kind, str) and kind != KIND:
+            problems.append(
+                f"{where}: kind {kind!r} is not a BatchInference; batchinfer reads BatchInference documents "
+                "only (apply other objects with kubectl)"
+            )
+            continue
+        try:
+            found.append(parse_document(document))
+        except SpecError as err:
+            problems += [f"{where}: {p}" for p in err.problems]
+    if problems:
+        raise SpecError(problems)
+    return found

@@ -45,3 +45,25 @@ class SlowPredictor(DominantChannelPredictor):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         time.sleep(float(os.environ.get("BATCHINFER_SLOW_SECONDS", "0.5")))
         return super().__call__(batch)
+
+
+class WrongTypePredictor(DominantChannelPredictor):
+    """Breaks the contract: returns a list instead of a dict."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+        return [1, 2, 3]
+
+
+class WrongShapePredictor(DominantChannelPredictor):
+    """Breaks the contract: one row fewer than it was given."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        out = super().__call__(batch)
+        return {**out, "top_k_classes": out["top_k_classes"][1:], "top_k_scores": out["top_k_scores"][1:]}
+
+
+class UnconstructiblePredictor:
+    """Breaks the contract: cannot be built."""
+
+    def __init__(self) -> None:
+        raise RuntimeError("no model here")

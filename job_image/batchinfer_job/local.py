@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from batchinfer_job import storage
+from batchinfer_job import locations, storage
 from batchinfer_job.spec import BatchInferenceSpec
 
 if TYPE_CHECKING:
@@ -20,6 +22,9 @@ LOCAL_RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Finite retries of tasks the memory monitor kills (Ray's default is forever): an input that kills its
+    # worker fails the job with a message instead of looping.
+    "RAY_task_oom_retries": "3",
 }
 
 
@@ -27,12 +32,12 @@ def localize(spec: BatchInferenceSpec, base: Path | None = None) -> BatchInferen
     """Make relative local paths in the spec absolute (relative to `base`, default the working directory)."""
     model = spec.model
     if model.weightsUri:
-        model = model.model_copy(update={"weightsUri": storage.absolute_uri(model.weightsUri, base)})
+        model = model.model_copy(update={"weightsUri": locations.absolute_uri(model.weightsUri, base)})
     return spec.model_copy(
         update={
             "model": model,
-            "input": spec.input.model_copy(update={"uri": storage.absolute_uri(spec.input.uri, base)}),
-            "output": spec.output.model_copy(update={"uri": storage.absolute_uri(spec.output.uri, base)}),
+            "input": spec.input.model_copy(update={"uri": locations.absolute_uri(spec.input.uri, base)}),
+            "output": spec.output.model_copy(update={"uri": locations.absolute_uri(spec.output.uri, base)}),
         }
     )
 
@@ -45,14 +50,19 @@ def start_local_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        configure_logging=True,
-        logging_level="WARNING",
-        log_to_driver=True,
-    )
+    # Ray puts the driver's working directory on every worker's sys.path, so a stray `PIL.py` beside the
+    # spec would shadow a library inside the workers. Start Ray from an empty folder of its own instead:
+    # workers import only installed packages (a user predictor is found the documented way, installed or
+    # on PYTHONPATH).
+    with contextlib.chdir(tempfile.mkdtemp(prefix="batchinfer-ray-cwd-")):
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            configure_logging=True,
+            logging_level="WARNING",
+            log_to_driver=True,
+        )
 
 
 def console_progress(report: ProgressReport) -> None:
@@ -69,26 +79,33 @@ def job_failures() -> tuple[type[BaseException], ...]:
     """Errors that end a job with a clear message (imported lazily: they pull in ray)."""
     from batchinfer_job.commit import OutputExistsError
     from batchinfer_job.inputs import InputError
+    from batchinfer_job.locations import LocationError
     from batchinfer_job.models import ModelLoadError
-    from batchinfer_job.pipeline import ErrorThresholdExceededError, StallError
+    from batchinfer_job.pipeline import AllRowsFailedError, ErrorThresholdExceededError, StallError
+    from batchinfer_job.predictor import PredictorContractError
 
     return (
         OutputExistsError,
         InputError,
         ModelLoadError,
         ErrorThresholdExceededError,
+        AllRowsFailedError,
         StallError,
+        PredictorContractError,
         storage.StorageError,
+        LocationError,
     )
 
 
 def run_local(
     spec: BatchInferenceSpec, on_progress: Callable[[ProgressReport], None] | None = console_progress
 ) -> RunResult:
+    spec = localize(spec)
+    locations.check_local_paths(spec)
     start_local_ray()
     from batchinfer_job.pipeline import run_pipeline
 
-    return run_pipeline(localize(spec), on_progress=on_progress)
+    return run_pipeline(spec, on_progress=on_progress)
 
 
 def summary_lines(result: RunResult, top: int = 8) -> list[str]:
@@ -101,6 +118,7 @@ def summary_lines(result: RunResult, top: int = 8) -> list[str]:
         f"wall time:   {result.seconds:.1f} s",
         f"throughput:  {result.rows_per_second:.1f} rows/s ({result.processed} rows this run)",
         f"output:      {result.output_uri} (manifest: _SUCCESS.json)",
+        *(f"skipped:     {count} {reason}" for reason, count in result.skipped.items()),
         "top labels:",
     ]
     lines += [f"  {count:5d}  {label}" for label, count in result.label_counts.most_common(top)]

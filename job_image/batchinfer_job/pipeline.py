@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,11 +24,18 @@ import ray.data
 from batchinfer_job import commit, inputs, storage
 from batchinfer_job.decode import decode_batch
 from batchinfer_job.models import preprocess_for
-from batchinfer_job.predictor import PredictorConfig, TorchPredictor
+from batchinfer_job.predictor import (
+    CONTRACT_ERROR_COLUMN,
+    PredictorConfig,
+    PredictorContractError,
+    TorchPredictor,
+    load_predictor_class,
+)
 from batchinfer_job.progress import ProgressReport
 from batchinfer_job.spec import BatchInferenceSpec, ErrorPolicySpec
 
 SHARD_SECONDS = 20.0
+TASK_RETRIES = 3  # per decode task and model actor, also when the OOM killer ends them (see local.py)
 _DECODE_BYTES_PER_IMAGE = 4 * 2**20  # a large photo decoded at full size, its bytes and its crop
 _DECODE_BASE_BYTES = 256 * 2**20  # the worker process: interpreter, Ray, pyarrow and PIL (no torch)
 
@@ -44,6 +52,10 @@ class StallError(TimeoutError):
     """No row was committed for timeouts.stallSeconds."""
 
 
+class AllRowsFailedError(RuntimeError):
+    """Every input became an error row and errorPolicy sets no threshold that allows it."""
+
+
 @dataclass
 class RunResult:
     total: int  # every input of the job
@@ -55,6 +67,7 @@ class RunResult:
     output_uri: str
     manifest: dict
     label_counts: Counter = field(default_factory=Counter)
+    skipped: dict[str, int] = field(default_factory=dict)  # files under input.uri that are not inputs
 
     @property
     def rows_per_second(self) -> float:
@@ -69,11 +82,23 @@ def default_batch_size(spec: BatchInferenceSpec) -> int:
 
 def build_dataset(spec: BatchInferenceSpec, source: inputs.InputSource) -> ray.data.Dataset:
     """The lazy Ray Data plan: decode on CPU tasks, predict on the actor pool."""
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates the remote-args keywords (max_retries, max_restarts) without a replacement yet;
+        # they are the only way to make retries finite, so the warning is silenced here, and only here.
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+        return _build_dataset(spec, source)
+
+
+def _build_dataset(spec: BatchInferenceSpec, source: inputs.InputSource) -> ray.data.Dataset:
     compute = spec.compute
     batch_size = default_batch_size(spec)
     decoded = source.dataset.map_batches(
         decode_batch,
-        fn_kwargs={"preprocess": preprocess_for(spec.model), "max_bytes": spec.input.maxImageBytes},
+        fn_kwargs={
+            "preprocess": preprocess_for(spec.model),
+            "max_bytes": spec.input.maxImageBytes,
+            "max_pixels": spec.input.maxImagePixels,
+        },
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=compute.preprocessCpus,
@@ -81,6 +106,7 @@ def build_dataset(spec: BatchInferenceSpec, source: inputs.InputSource) -> ray.d
         # resources that differ from the actor's also keep Ray from fusing decode into the model actor, so
         # decode runs in its own CPU tasks, overlapping the model instead of taking turns with it.
         memory=decode_task_memory(batch_size),
+        max_retries=TASK_RETRIES,  # finite: a task that keeps dying fails the job instead of looping
     )
     config = PredictorConfig(
         model=spec.model.model_dump(mode="json", exclude_none=True),
@@ -99,6 +125,8 @@ def build_dataset(spec: BatchInferenceSpec, source: inputs.InputSource) -> ray.d
         batch_format="numpy",
         num_cpus=compute.cpusPerActor,
         num_gpus=compute.gpusPerActor,
+        max_restarts=TASK_RETRIES,
+        max_task_retries=TASK_RETRIES,
     )
 
 
@@ -113,6 +141,15 @@ def check_error_policy(policy: ErrorPolicySpec, failed: int, total: int) -> None
         raise ErrorThresholdExceededError(
             f"{failed} error rows ({100.0 * failed / total:.2f}% of {total} inputs) exceed "
             f"errorPolicy.maxFailedPercent={policy.maxFailedPercent:g}; see <output>/_errors/"
+        )
+
+
+def check_not_all_failed(policy: ErrorPolicySpec, failed: int, total: int) -> None:
+    """A job in which every row failed has failed, unless errorPolicy sets a threshold that allows it."""
+    if total and failed == total and policy.maxFailedRecords is None and policy.maxFailedPercent is None:
+        raise AllRowsFailedError(
+            f"all {total} inputs became error rows (see <output>/_errors/); nothing was predicted. "
+            "To accept this, set errorPolicy.maxFailedPercent: 100"
         )
 
 
@@ -148,13 +185,19 @@ def stream_tables(dataset: ray.data.Dataset, stall_seconds: float | None) -> Ite
 
 
 def run_pipeline(spec: BatchInferenceSpec, on_progress: Callable[[ProgressReport], None] | None = None) -> RunResult:
-    """Run (or resume) one BatchInference to completion; raises on anything that is not a per-row error."""
+    """Run (or resume) one BatchInference to completion; raises on anything that is not a per-row error.
+
+    Inputs are listed before the output is touched: a job whose inputs cannot be read deletes nothing.
+    """
     started_at = datetime.now(UTC)
     start = time.monotonic()
+    if spec.model.predictor is not None:
+        load_predictor_class(spec.model.predictor)  # a wrong reference fails here, before Ray starts work
+    listed = inputs.list_inputs(spec.input)
     store = commit.OutputStore(storage.resolve(spec.output.uri))
     earlier = store.prepare(spec.output.mode, commit.job_fingerprint(spec))
     done_keys = store.committed_keys(earlier)
-    source = inputs.open_source(spec.input, rows_per_block=default_batch_size(spec), skip=done_keys)
+    source = inputs.open_source(listed, rows_per_block=default_batch_size(spec), skip=done_keys)
     run_id = uuid.uuid4().hex[:8]
     counts = {"rows": sum(s.rows for s in earlier), "failed": sum(s.failed for s in earlier), "this_run": 0}
     labels: Counter = Counter()
@@ -180,6 +223,8 @@ def run_pipeline(spec: BatchInferenceSpec, on_progress: Callable[[ProgressReport
     if source.total:
         pending_rows = 0
         for table in stream_tables(build_dataset(spec, source), spec.timeouts.stallSeconds):
+            if CONTRACT_ERROR_COLUMN in table.column_names:
+                raise PredictorContractError(table[CONTRACT_ERROR_COLUMN][0].as_py())
             pending.append(table)
             pending_rows += table.num_rows
             labels.update(label for label in table["label"].to_pylist() if label is not None)
@@ -209,6 +254,7 @@ def finish(
             f"{len(committed) - len(set(committed))} repeated; rerun to resume"
         )
     total, failed = len(committed), sum(s.failed for s in shards)
+    check_not_all_failed(spec.errorPolicy, failed, total)
     manifest = {
         "apiVersion": "batchinfer.dev/v1alpha1",
         "model": spec.model.describe(),
@@ -216,6 +262,7 @@ def finish(
         "output": spec.output.uri,
         "counts": {"total": total, "succeeded": total - failed, "failed": failed},
         "attempt": {"run": run_id, "processed": processed, "resumed": source.all_total - source.total},
+        "skipped": source.skipped,
         "shards": commit.shards_payload(shards),
         "startTime": started_at.isoformat(),
         "endTime": datetime.now(UTC).isoformat(),
@@ -233,4 +280,5 @@ def finish(
         output_uri=spec.output.uri,
         manifest=manifest,
         label_counts=labels,
+        skipped=source.skipped,
     )

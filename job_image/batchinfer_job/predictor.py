@@ -76,6 +76,74 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     )
 
 
+class PredictorContractError(Exception):
+    """A user predictor (model.predictor) cannot be built or returned something outside its contract.
+
+    Not a per-row error: it fails the job at once, with one line naming the predictor and what it did.
+    (Deliberately not a RuntimeError/ValueError/TypeError, which isolate a failing row instead.) The actor
+    does not raise it through Ray, which would bury it in a wrapped traceback: it answers with a one-row
+    table holding only `CONTRACT_ERROR_COLUMN`, and the driver raises it.
+    """
+
+
+CONTRACT_ERROR_COLUMN = "predictor_contract_error"
+
+
+def load_predictor_class(ref: str) -> type:
+    """The class `module:Class` names; PredictorContractError when it is not importable or not a class."""
+    module_name, class_name = ref.split(":")
+    try:
+        target = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise PredictorContractError(
+            f"model.predictor {ref!r} cannot be imported: {type(err).__name__}: {err}; install its package in "
+            "the job image (or put it on PYTHONPATH locally)"
+        ) from None
+    if not isinstance(target, type):
+        raise PredictorContractError(
+            f"model.predictor {ref!r} is a {type(target).__name__}, not a class; give 'module:Class' of a class "
+            "built with no arguments whose instances are called with a batch"
+        )
+    return target
+
+
+def build_user_predictor(ref: str) -> Callable[[dict[str, np.ndarray]], Any]:
+    cls = load_predictor_class(ref)
+    try:
+        instance = cls()
+    except Exception as err:  # any failure of user code to construct is a contract failure, named once
+        raise PredictorContractError(
+            f"model.predictor {ref!r} could not be constructed: {type(err).__name__}: {err}"
+        ) from None
+    if not callable(instance):
+        raise PredictorContractError(f"model.predictor {ref!r} instances are not callable; define __call__(batch)")
+    return instance
+
+
+def check_user_output(ref: str, out: Any, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (classes, scores) of a user predictor's answer for `rows` rows, or PredictorContractError."""
+    if not isinstance(out, dict) or "top_k_classes" not in out or "top_k_scores" not in out:
+        shown = f"a dict with keys {sorted(map(str, out))[:6]}" if isinstance(out, dict) else type(out).__name__
+        raise PredictorContractError(
+            f"model.predictor {ref!r} returned {shown}; it must return a dict with 'top_k_classes' and "
+            "'top_k_scores' (N x k)"
+        )
+    try:
+        classes, scores = np.asarray(out["top_k_classes"]), np.asarray(out["top_k_scores"])
+    except (TypeError, ValueError) as err:
+        raise PredictorContractError(f"model.predictor {ref!r} returned arrays numpy cannot read: {err}") from None
+    if classes.ndim != 2 or classes.shape[0] != rows or scores.shape != classes.shape:
+        raise PredictorContractError(
+            f"model.predictor {ref!r} returned top_k_classes {classes.shape} and top_k_scores {scores.shape} "
+            f"for {rows} rows; both must be ({rows}, k)"
+        )
+    if not np.issubdtype(classes.dtype, np.integer):
+        raise PredictorContractError(
+            f"model.predictor {ref!r} returned top_k_classes of dtype {classes.dtype}; they must be integers"
+        )
+    return classes, scores
+
+
 class BatchTimeoutError(TimeoutError):
     """A model call ran past timeouts.perBatchSeconds."""
 
@@ -141,11 +209,15 @@ class TorchPredictor:
         self.device = pick_device(config.device)
         self.dtype = resolve_dtype(config.precision, self.device)
         self.batch_timeout = config.batch_timeout
-        self.user_predictor: Callable[[dict[str, np.ndarray]], dict[str, Any]] | None = None
+        self.user_predictor: Callable[[dict[str, np.ndarray]], Any] | None = None
+        self.predictor_ref = spec.predictor
         self.categories: list[str] = []
+        self.contract_error: str | None = None
         if spec.predictor is not None:
-            module_name, class_name = spec.predictor.split(":")
-            self.user_predictor = getattr(importlib.import_module(module_name), class_name)()
+            try:
+                self.user_predictor = build_user_predictor(spec.predictor)
+            except PredictorContractError as err:
+                self.contract_error = str(err)
             return
         loaded = load_model(spec)
         self.categories = loaded.categories
@@ -173,6 +245,15 @@ class TorchPredictor:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        try:
+            return self._predict_batch(batch)
+        except PredictorContractError as err:
+            self.contract_error = str(err)
+        return pa.table({CONTRACT_ERROR_COLUMN: [self.contract_error]})
+
+    def _predict_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if self.contract_error is not None:
+            raise PredictorContractError(self.contract_error)
         keys = [str(k) for k in batch["key"]]
         errors = [error_or_none(e) for e in batch["error"]]
         images = batch["image"]
@@ -210,9 +291,7 @@ class TorchPredictor:
         if self.user_predictor is None:
             return self.predict_uint8(images)
         out = self.user_predictor({"key": np.asarray(keys, dtype=object), "image": images})
-        classes, scores = np.asarray(out["top_k_classes"]), np.asarray(out["top_k_scores"])
-        if classes.shape[0] != len(keys) or scores.shape != classes.shape:
-            raise ValueError(f"user predictor returned {classes.shape}/{scores.shape} for {len(keys)} rows")
+        classes, scores = check_user_output(str(self.predictor_ref), out, len(keys))
         if "categories" in out:
             self.categories = list(out["categories"])
         elif len(self.categories) <= int(classes.max(initial=0)):

@@ -6,10 +6,13 @@ Field descriptions become `kubectl explain` text. Pure pydantic: no torch, ray o
 
 from __future__ import annotations
 
+import posixpath
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from batchinfer_job import torchvision_catalog
 
 API_GROUP = "batchinfer.dev"
 API_VERSION = "v1alpha1"
@@ -19,29 +22,84 @@ SINGULAR = "batchinference"
 SHORT_NAMES = ["bi"]
 
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "az", "file", "local")
-_URI_SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*)://")
+OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "abfs", "az")  # these name a bucket (container) first
+LOCAL_SCHEMES = ("file", "local")
+INT32_MAX = 2**31 - 1  # Kubernetes and KubeRay declare these fields int32
+INT64_MAX = 2**53 - 1  # the largest integer every JSON and YAML reader (Helm included) keeps exact
+_URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _PREDICTOR_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+MAX_MAP_ENTRIES = 64
+LabelKey = Annotated[str, Field(min_length=1, max_length=317)]  # prefix (253) + "/" + name (63)
+LabelValue = Annotated[str, Field(max_length=63)]
 
 
 class _Model(BaseModel):
-    """Base for spec models: camelCase in YAML, unknown keys rejected (as the CRD prunes/refuses them)."""
+    """Base for spec models: camelCase in YAML, unknown keys rejected (as the CRD prunes/refuses them).
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    Strict: a string is never coerced to a number or a boolean (`suspend: "yes"`), as the API server does not.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, strict=True)
 
 
 def check_storage_uri(value: str, field: str) -> str:
-    """Accept `scheme://…` for a supported scheme, or a plain local path; reject anything else."""
+    """Accept `scheme://…` for a supported scheme (any case), or a plain local path; reject anything else.
+
+    One grammar everywhere: no fsspec chains (`a::b`), an object store names its bucket, and the scheme is
+    returned lowercased so every later step sees the same URI.
+    """
     if not value.strip():
         raise ValueError(f"{field} must not be empty; give a prefix such as s3://bucket/path or ./data")
+    if "::" in value:
+        raise ValueError(f"{field} {value!r} contains '::' (a URL chain); give one plain URI or path")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"{field} contains a control character; remove it")
     match = _URI_SCHEME.match(value)
-    if match and match.group(1) not in STORAGE_SCHEMES:
+    if not match:
+        return value
+    scheme = match.group(1).lower()
+    if scheme not in STORAGE_SCHEMES:
         raise ValueError(
             f"{field} has unsupported scheme {match.group(1)!r}; use one of "
             + ", ".join(f"{s}://" for s in STORAGE_SCHEMES)
             + " or a local path"
         )
-    return value
+    rest = value[match.end() :]
+    if scheme in OBJECT_STORE_SCHEMES and (not rest or rest.startswith("/")):
+        raise ValueError(f"{field} {value!r} names no bucket; write {scheme}://BUCKET/prefix")
+    return f"{scheme}://{rest}"
+
+
+# Relative local paths are compared as if below this stand-in for the working directory: deep enough that
+# no run of `..` climbs out of it, and named so that no real path lies inside it.
+_CWD_STAND_IN = "/" + "/".join(f".cwd{i}" for i in range(64))
+
+
+def comparable_path(uri: str) -> tuple[str, str]:
+    """(scheme, normalised absolute path) of a URI or local path, for comparing locations lexically.
+
+    Local paths get scheme "file"; relative ones are placed below a stand-in working directory; `..`, `.`
+    and repeated or trailing slashes are folded.
+    """
+    match = _URI_SCHEME.match(uri)
+    scheme = match.group(1).lower() if match else "file"
+    path = uri[match.end() :] if match else uri
+    if scheme in LOCAL_SCHEMES:
+        scheme = "file"
+        if not path.startswith("/"):
+            path = f"{_CWD_STAND_IN}/{path}"
+    path = posixpath.normpath(path) if path else "."
+    return scheme, "/" + path.lstrip("/") if path.startswith("/") else path
+
+
+def is_within(inner: str, outer: str) -> bool:
+    """True when the location `inner` is `outer` or lies inside it (lexically)."""
+    (scheme_in, path_in), (scheme_out, path_out) = comparable_path(inner), comparable_path(outer)
+    if scheme_in != scheme_out:
+        return False
+    return path_in == path_out or path_in.startswith(path_out.rstrip("/") + "/")
 
 
 class TorchvisionModel(_Model):
@@ -49,7 +107,7 @@ class TorchvisionModel(_Model):
         description="torchvision model builder name, e.g. resnet152, efficientnet_b0, vit_b_16.",
         min_length=1,
         max_length=64,
-        pattern=r"^[a-z][a-z0-9_]*$",
+        json_schema_extra={"enum": sorted(torchvision_catalog.catalog())},
     )
     weights: str = Field(
         default="DEFAULT",
@@ -59,8 +117,23 @@ class TorchvisionModel(_Model):
             "model.weightsUri instead."
         ),
         max_length=64,
-        pattern=r"^[A-Z][A-Z0-9_]*$",
+        json_schema_extra={"enum": torchvision_catalog.all_weights()},
     )
+
+    @model_validator(mode="after")
+    def _known_names(self) -> TorchvisionModel:
+        known = torchvision_catalog.catalog()
+        if self.name not in known:
+            close = [n for n in known if n.startswith(self.name[:4])][:6]
+            hint = f"; similar: {', '.join(close)}" if close else ""
+            raise ValueError(f"model.torchvision.name {self.name!r} is not a torchvision classification model{hint}")
+        allowed = [*torchvision_catalog.SPECIAL_WEIGHTS, *known[self.name]]
+        if self.weights not in allowed:
+            raise ValueError(
+                f"model.torchvision.weights {self.weights!r} is not a weights name of {self.name}; "
+                f"use one of {', '.join(allowed)}"
+            )
+        return self
 
 
 class ModelSpec(_Model):
@@ -137,6 +210,7 @@ class ModelSpec(_Model):
 
 
 MODEL_SOURCES = ("torchvision", "weightsUri", "packaged", "predictor")
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # Pillow's own decompression-bomb error threshold
 
 
 class InputSpec(_Model):
@@ -160,12 +234,23 @@ class InputSpec(_Model):
         description="format=parquet: column that identifies a row (default: the path, or file#row).",
         max_length=128,
     )
-    limit: int | None = Field(default=None, ge=1, description="Process at most this many inputs (sorted order).")
+    limit: int | None = Field(
+        default=None, ge=1, le=INT64_MAX, description="Process at most this many inputs (sorted order)."
+    )
     maxImageBytes: int = Field(
         default=64 * 2**20,
         ge=1024,
-        le=2**31,
+        le=INT32_MAX,
         description="Inputs larger than this many bytes become error rows (read: TooLarge) instead of being decoded.",
+    )
+    maxImagePixels: int = Field(
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        ge=1,
+        le=2**30,
+        description=(
+            "Images with more pixels (width x height) become error rows (decode: DecompressionBombError) "
+            "before they are decoded. The default fits a 16k x 10k photo."
+        ),
     )
 
     @field_validator("uri")
@@ -263,7 +348,7 @@ class ComputeSpec(_Model):
 
 class ErrorPolicySpec(_Model):
     maxFailedRecords: int | None = Field(
-        default=None, ge=0, description="Fail the job once more than this many rows are error rows."
+        default=None, ge=0, le=INT64_MAX, description="Fail the job once more than this many rows are error rows."
     )
     maxFailedPercent: float | None = Field(
         default=None,
@@ -350,11 +435,18 @@ class ClusterSpec(_Model):
 
 class SchedulingSpec(_Model):
     queueName: str | None = Field(
-        default=None, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label.", max_length=63
+        default=None,
+        description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label.",
+        max_length=63,
+        json_schema_extra={"pattern": _DNS_LABEL.pattern},
     )
     priorityClassName: str | None = Field(default=None, description="PriorityClass of the Ray pods.", max_length=253)
-    nodeSelector: dict[str, str] | None = Field(default=None, description="Node selector of the Ray pods.")
-    tolerations: list[dict[str, Any]] | None = Field(default=None, description="Tolerations of the Ray pods.")
+    nodeSelector: dict[LabelKey, LabelValue] | None = Field(
+        default=None, max_length=MAX_MAP_ENTRIES, description="Node selector of the Ray pods."
+    )
+    tolerations: list[dict[str, Any]] | None = Field(
+        default=None, max_length=MAX_MAP_ENTRIES, description="Tolerations of the Ray pods."
+    )
     affinity: dict[str, Any] | None = Field(default=None, description="Affinity of the Ray pods.")
 
     @field_validator("queueName")
@@ -380,11 +472,11 @@ class BatchInferenceSpec(_Model):
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Pod scheduling.")
     suspend: bool = Field(default=False, description="Hold the RayJob suspended (Kueue admits it by unsuspending).")
     activeDeadlineSeconds: int | None = Field(
-        default=None, ge=1, description="Fail the job when it runs longer than this."
+        default=None, ge=1, le=INT32_MAX, description="Fail the job when it runs longer than this."
     )
     backoffLimit: int = Field(default=0, ge=0, le=100, description="Retries of the whole job on a new cluster.")
     ttlSecondsAfterFinished: int = Field(
-        default=3600, ge=0, description="Seconds the finished RayJob is kept before deletion."
+        default=3600, ge=0, le=INT32_MAX, description="Seconds the finished RayJob is kept before deletion."
     )
 
     @model_validator(mode="after")
@@ -392,6 +484,34 @@ class BatchInferenceSpec(_Model):
         if self.compute.gpusPerActor > 0 and self.compute.device == "cpu":
             raise ValueError("compute.device=cpu contradicts compute.gpusPerActor > 0; set gpusPerActor: 0")
         return self
+
+    @model_validator(mode="after")
+    def _output_apart_from_input(self) -> BatchInferenceSpec:
+        problem = output_location_problem(self.input.uri, self.output.uri)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def output_location_problem(input_uri: str, output_uri: str) -> str | None:
+    """Why output.uri may not be used (lexically: equal to, inside or above the input, a root, or the
+    working directory or above it), or None. Paths relative to the working directory are checked again
+    after they are made absolute (`local.check_output_location`)."""
+    scheme, path = comparable_path(output_uri)
+    if is_within(output_uri, input_uri):
+        where = "is input.uri" if comparable_path(input_uri) == (scheme, path) else "lies inside input.uri"
+        return f"output.uri {output_uri!r} {where} {input_uri!r}; write predictions to a separate prefix"
+    if is_within(input_uri, output_uri):
+        return (
+            f"output.uri {output_uri!r} contains input.uri {input_uri!r}; overwrite could delete inputs, "
+            "so write predictions to a separate prefix"
+        )
+    if scheme == "file" and is_within(_CWD_STAND_IN, output_uri):
+        return (
+            f"output.uri {output_uri!r} is the filesystem root or the working directory (or above it); "
+            "give a folder of its own, e.g. ./predictions"
+        )
+    return None
 
 
 Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
@@ -440,12 +560,17 @@ class BatchInferenceStatus(BaseModel):
     progress: Progress | None = Field(default=None, description="Live row counts.")
 
 
+NAME_MAX = 63  # the name is a label value on every child (batchinfer.dev/name), and labels stop at 63
+
+
 class ObjectMeta(BaseModel):
     """The subset of metadata batchinfer reads; everything else is kept as is."""
 
-    model_config = ConfigDict(extra="allow")
-    name: Annotated[str, Field(min_length=1, max_length=253)]
-    namespace: str | None = None
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: Annotated[str, Field(min_length=1, max_length=NAME_MAX, pattern=_DNS_SUBDOMAIN.pattern)] = Field(
+        description=f"At most {NAME_MAX} characters: the name goes into labels of every object made for it."
+    )
+    namespace: Annotated[str, Field(min_length=1, max_length=63, pattern=_DNS_LABEL.pattern)] | None = None
 
 
 class BatchInference(BaseModel):

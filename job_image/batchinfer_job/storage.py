@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import pyarrow.fs as pafs
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -25,6 +27,10 @@ class StorageError(RuntimeError):
 
 class TooLargeError(OSError):
     """An input is larger than input.maxImageBytes."""
+
+
+class NotRegularFileError(OSError):
+    """A local input is a FIFO, socket or device: never opened."""
 
 
 @dataclass(frozen=True)
@@ -49,42 +55,79 @@ class Location:
         return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
-def absolute_uri(uri: str, base: Path | None = None) -> str:
-    """Make a local relative path absolute (against `base` or the working directory); URIs pass through."""
-    if "://" in uri:
-        return uri
-    return str(((base or Path.cwd()) / uri).resolve()) if not Path(uri).is_absolute() else uri
-
-
 def resolve(uri: str) -> Location:
-    """Resolve a URI or local path to a filesystem and a path."""
+    """Resolve a URI or local path to a filesystem and a path.
+
+    The spec's one URI grammar: `scheme://rest` (scheme in any case) or a local path. No fsspec URL chains:
+    a local name holding `::` is the literal file it names.
+    """
+    match = _SCHEME.match(uri)
+    scheme = match.group(1).lower() if match else "file"
+    rest = uri[match.end() :] if match else uri
+    if scheme in ("file", "local"):
+        path = os.path.abspath(rest) if rest else "/"
+        return Location(fsspec.filesystem("file"), path, path)
     options: dict[str, Any] = {}
-    if uri.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+    if scheme == "s3" and os.environ.get("AWS_ENDPOINT_URL"):
         options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
     try:
-        fs, path = fsspec.core.url_to_fs(uri, **options)
-    except ImportError as err:
+        fs = fsspec.filesystem(scheme, **options)
+    except (ImportError, ValueError) as err:
         raise StorageError(f"no filesystem for {uri!r}: {err}; install the matching fsspec package") from err
-    return Location(fs, path.rstrip("/") or path, uri.rstrip("/") or uri)
+    path = rest.rstrip("/")
+    return Location(fs, path, f"{scheme}://{path}")
 
 
-def list_images(location: Location) -> list[str]:
-    """Every image file under a prefix, sorted, as paths inside the filesystem."""
+@dataclass
+class Listing:
+    """The files under a prefix that are inputs, and how many others were passed over, by reason."""
+
+    paths: list[str]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+SKIP_HIDDEN = "hidden (a name starts with '.')"
+SKIP_NOT_REGULAR = "not a regular file (FIFO, socket or device)"
+SKIP_SUFFIX = "not an image suffix (" + " ".join(IMAGE_SUFFIXES) + ")"
+SKIP_OUTPUT_RECORDS = "batchinfer's own records (_shards/, _errors/)"
+
+
+def _entries(location: Location) -> dict[str, dict[str, Any]]:
     if not location.fs.exists(location.path):
         raise StorageError(f"input.uri {location.uri!r} does not exist; check the path and credentials")
     if location.fs.isfile(location.path):
-        return [location.path]
-    found = location.fs.find(location.path, withdirs=False)
-    return sorted(p for p in found if p.lower().endswith(IMAGE_SUFFIXES) and "/_" not in p[len(location.path) :])
+        return {location.path: location.fs.info(location.path)}
+    found = location.fs.find(location.path, withdirs=False, detail=True)
+    return found if isinstance(found, dict) else {p: location.fs.info(p) for p in found}
 
 
-def list_files(location: Location, suffix: str) -> list[str]:
-    """Every file under a prefix ending in `suffix`, sorted."""
-    if not location.fs.exists(location.path):
-        raise StorageError(f"input.uri {location.uri!r} does not exist; check the path and credentials")
-    if location.fs.isfile(location.path):
-        return [location.path]
-    return sorted(p for p in location.fs.find(location.path, withdirs=False) if p.endswith(suffix))
+def list_inputs(location: Location, suffixes: tuple[str, ...]) -> Listing:
+    """Regular files under a prefix ending in one of `suffixes`, sorted; everything else counted by reason.
+
+    Files whose names start with `_` are inputs like any other; hidden files and folders (`.name`), FIFOs,
+    sockets and devices are never opened.
+    """
+    listing = Listing(paths=[])
+    base = location.path.rstrip("/")
+    for path, info in sorted(_entries(location).items()):
+        relative = path[len(base) :].lstrip("/") if path != base else path.rsplit("/", 1)[-1]
+        if any(part.startswith(".") for part in relative.split("/")):
+            listing.skip(SKIP_HIDDEN)
+        elif info.get("type") != "file":
+            listing.skip(SKIP_NOT_REGULAR)
+        elif relative.split("/", 1)[0] in OUTPUT_RECORD_FOLDERS:
+            listing.skip(SKIP_OUTPUT_RECORDS)
+        elif not path.lower().endswith(suffixes):
+            listing.skip(SKIP_SUFFIX if suffixes == IMAGE_SUFFIXES else f"not {' '.join(suffixes)}")
+        else:
+            listing.paths.append(path)
+    return listing
+
+
+OUTPUT_RECORD_FOLDERS = ("_shards", "_errors")  # what batchinfer writes beside its shards (see `commit`)
 
 
 IN_FLIGHT = ".tmp-"  # marks a local file that `write_json` has not yet renamed into place
@@ -97,10 +140,23 @@ def has_data(location: Location) -> bool:
     return any(IN_FLIGHT not in path.rsplit("/", 1)[-1] for path in location.fs.find(location.path, withdirs=False))
 
 
-def remove_tree(location: Location) -> None:
-    """Delete everything under the location (for output.mode=overwrite)."""
-    if location.fs.exists(location.path):
-        location.fs.rm(location.path, recursive=True)
+def files_under(location: Location) -> list[str]:
+    """Every file under the location, as paths relative to it, sorted."""
+    if not location.fs.exists(location.path):
+        return []
+    base = location.path.rstrip("/") + "/"
+    return sorted(p[len(base) :] for p in location.fs.find(location.path, withdirs=False) if p.startswith(base))
+
+
+def remove_files(location: Location, relative: list[str]) -> None:
+    """Delete exactly these files under the location, then local folders they leave empty."""
+    for name in relative:
+        location.fs.rm_file(location.child(name).path)
+    if _is_local(location):
+        for folder in sorted({n.rsplit("/", 1)[0] for n in relative if "/" in n}, key=len, reverse=True):
+            path = location.child(folder).path
+            if location.fs.isdir(path) and not location.fs.ls(path):
+                location.fs.rmdir(path)
 
 
 def ensure_folder(location: Location) -> None:
@@ -136,8 +192,13 @@ def read_json(location: Location) -> dict[str, Any]:
 
 
 def read_uri(uri: str, max_bytes: int | None = None) -> bytes:
-    """Read a whole object by URI (filesystem instances are cached by fsspec), at most `max_bytes`."""
+    """Read a whole object by URI (filesystem instances are cached by fsspec), at most `max_bytes`.
+
+    A local path that is not a regular file (a FIFO would block forever) raises instead of being opened.
+    """
     location = resolve(uri)
+    if _is_local(location) and not stat.S_ISREG(os.stat(location.path).st_mode):
+        raise NotRegularFileError(f"{location.path} is not a regular file")
     if max_bytes is None:
         return read_bytes(location.fs, location.path)
     with location.fs.open(location.path, "rb") as handle:

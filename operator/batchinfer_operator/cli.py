@@ -9,7 +9,7 @@ from typing import Any, Literal
 import typer
 import yaml
 
-from batchinfer_job.documents import SpecError, load_batchinference, load_documents, parse_document
+from batchinfer_job.documents import SpecError, load_batchinferences
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
@@ -22,44 +22,55 @@ def _fail(problems: list[str]) -> None:
 
 @app.command()
 def validate(files: list[Path] = typer.Argument(..., help="BatchInference YAML files.")) -> None:
-    """Check files against the schema; print every problem with its field path (exit 1 on any)."""
+    """Check files against the schema; print every problem with its field path (exit 1 on any).
+
+    Accepts and refuses exactly what `run` and `render` do; local output paths are also checked against the
+    working directory, the home directory and the inputs, as `run` checks them.
+    """
+    from batchinfer_job.locations import LocationError, check_local_paths
+
     problems: list[str] = []
     for path in files:
         try:
-            documents = load_documents(path)
+            documents = load_batchinferences(path)
         except SpecError as err:
             problems += err.problems
             continue
-        if not documents:
-            problems.append(f"{path}: no YAML documents")
-        for index, document in enumerate(documents):
+        for document in documents:
             try:
-                parse_document(document)
-            except SpecError as err:
-                where = f"{path}" + (f"[{index}]" if len(documents) > 1 else "")
-                problems += [f"{where}: {p}" for p in err.problems]
+                check_local_paths(document.spec)
+            except LocationError as err:
+                problems.append(f"{path}: {document.metadata.name}: {err}")
     if problems:
         _fail(problems)
     typer.echo(f"ok: {len(files)} file(s) valid")
 
 
 @app.command()
-def run(file: Path = typer.Argument(..., help="A BatchInference YAML file.")) -> None:
+def run(
+    file: Path = typer.Argument(..., help="A BatchInference YAML file (each document in it runs in turn)."),
+) -> None:
     """Run a BatchInference locally on an embedded Ray (127.0.0.1) and print a summary."""
-    try:
-        document = load_batchinference(file)
-    except SpecError as err:
-        _fail(err.problems)
+    documents = _load(file)
     from batchinfer_job.local import job_failures, run_local, summary_lines
     from batchinfer_job.summary import output_summary_lines
 
+    for document in documents:
+        try:
+            result = run_local(document.spec)
+        except job_failures() as err:
+            _fail([f"BatchInference {document.metadata.name} failed: {type(err).__name__}: {err}"])
+        typer.echo(f"BatchInference {document.metadata.name}: done")
+        for line in summary_lines(result) + output_summary_lines(result.output_uri):
+            typer.echo(line)
+
+
+def _load(path: Path) -> list:
     try:
-        result = run_local(document.spec)
-    except job_failures() as err:
-        _fail([f"BatchInference {document.metadata.name} failed: {type(err).__name__}: {err}"])
-    typer.echo(f"BatchInference {document.metadata.name}: done")
-    for line in summary_lines(result) + output_summary_lines(result.output_uri):
-        typer.echo(line)
+        return load_batchinferences(path)
+    except SpecError as err:
+        _fail(err.problems)
+        raise  # unreachable: _fail exits
 
 
 @app.command()
@@ -74,12 +85,9 @@ def render(
     settings = OperatorSettings.from_env()
     out: list[dict] = []
     for path in files:
-        try:
-            document = load_batchinference(path)
-        except SpecError as err:
-            _fail(err.problems)
-        owner = Owner(name=document.metadata.name, namespace=document.metadata.namespace or namespace)
-        out += render_children(document.spec, owner, settings)
+        for document in _load(path):
+            owner = Owner(name=document.metadata.name, namespace=document.metadata.namespace or namespace)
+            out += render_children(document.spec, owner, settings)
     sys.stdout.write(yaml.dump_all(out, Dumper=_BlockDumper, sort_keys=False, width=120))
 
 

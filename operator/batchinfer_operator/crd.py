@@ -35,9 +35,37 @@ _POOL_RULE = {
     "rule": "!has(self.minActors) || !has(self.maxActors) || self.minActors <= self.maxActors",
     "message": "compute.minActors must not exceed compute.maxActors",
 }
-_URI_RULE = {
-    "rule": "!self.matches('^[a-z][a-z0-9+.-]*://') || self.matches('^(" + "|".join(s.STORAGE_SCHEMES) + ")://')",
-    "message": "unsupported URI scheme; use " + ", ".join(f"{x}://" for x in s.STORAGE_SCHEMES) + " or a path",
+_SCHEMES = "|".join(s.STORAGE_SCHEMES)
+_BUCKETS = "|".join(s.OBJECT_STORE_SCHEMES)
+# One URI grammar, as `spec.check_storage_uri` has it: schemes in any case, no `::` chains, buckets named.
+_URI_RULES = [
+    {"rule": "!self.contains('::')", "message": "contains '::' (a URL chain); give one plain URI or path"},
+    {
+        "rule": f"!self.matches('^[A-Za-z][A-Za-z0-9+.-]*://') || self.matches('^(?i)({_SCHEMES})://')",
+        "message": "unsupported URI scheme; use " + ", ".join(f"{x}://" for x in s.STORAGE_SCHEMES) + " or a path",
+    },
+    {
+        "rule": f"!self.matches('^(?i)({_BUCKETS})://') || self.matches('^(?i)({_BUCKETS})://[^/]')",
+        "message": "names no bucket; write scheme://BUCKET/prefix",
+    },
+]
+_OUTPUT_NOT_HERE_RULE = {
+    "rule": "!self.matches('^[./]*$')",
+    "message": "output.uri is the filesystem root or the working directory (or above it); give a folder of its own",
+}
+
+
+def _slash(field: str) -> str:
+    return f"(self.{field}.uri.endsWith('/') ? self.{field}.uri : self.{field}.uri + '/')"
+
+
+_OUTPUT_APART_RULE = {
+    "rule": f"!{_slash('output')}.startsWith({_slash('input')}) && !{_slash('input')}.startsWith({_slash('output')})",
+    "message": "output.uri must not be input.uri, inside it or above it; write predictions to a separate prefix",
+}
+_NAME_RULE = {
+    "rule": f"self.metadata.name.size() <= {s.NAME_MAX}",
+    "message": f"metadata.name must have at most {s.NAME_MAX} characters (it becomes a label value)",
 }
 _MAX_ITEMS = 64
 
@@ -62,7 +90,7 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
         return _resolve({**options[0], **rest}, defs)
     out: dict[str, Any] = {}
     for key, value in node.items():
-        if key in ("title", "$defs"):
+        if key in ("title", "$defs", "propertyNames"):  # propertyNames: not in Kubernetes' JSONSchemaProps
             continue
         if key == "const":
             out["enum"] = [value]
@@ -102,8 +130,10 @@ def spec_schema() -> dict[str, Any]:
     props["input"]["x-kubernetes-validations"] = [_PARQUET_COLUMNS_RULE]
     props["compute"]["x-kubernetes-validations"] = [_POOL_RULE]
     for section in ("input", "output"):
-        props[section]["properties"]["uri"]["x-kubernetes-validations"] = [_URI_RULE]
-    props["model"]["properties"]["weightsUri"]["x-kubernetes-validations"] = [_URI_RULE]
+        props[section]["properties"]["uri"]["x-kubernetes-validations"] = list(_URI_RULES)
+    props["output"]["properties"]["uri"]["x-kubernetes-validations"].append(_OUTPUT_NOT_HERE_RULE)
+    props["model"]["properties"]["weightsUri"]["x-kubernetes-validations"] = list(_URI_RULES)
+    schema["x-kubernetes-validations"] = [_OUTPUT_APART_RULE]
     for field in IMMUTABLE_FIELDS:
         props[field].setdefault("x-kubernetes-validations", []).append(
             {
@@ -160,6 +190,7 @@ def crd_manifest() -> dict[str, Any]:
                             "description": "BatchInference runs a model over every input under a URI and "
                             "writes predictions to object storage, as a KubeRay RayJob.",
                             "required": ["spec"],
+                            "x-kubernetes-validations": [_NAME_RULE],
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
@@ -175,6 +206,13 @@ def crd_manifest() -> dict[str, Any]:
     }
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes repeated values out in full: no `&id001` anchors or `*id001` aliases in generated YAML."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def crd_yaml() -> str:
     """The CRD as committed in manifests/crds/ and the chart, header included."""
-    return GENERATED_HEADER + yaml.safe_dump(crd_manifest(), sort_keys=False, width=110)
+    return GENERATED_HEADER + yaml.dump(crd_manifest(), Dumper=_NoAliasDumper, sort_keys=False, width=110)

@@ -11,6 +11,8 @@ END = "<!-- spec-reference:end -->"
 
 
 def _type(node: dict[str, Any]) -> str:
+    if "enum" in node and len(node["enum"]) > 8:
+        return f"{node.get('type', 'string')} (one of {len(node['enum'])} names; `batchinfer crd` lists them)"
     if "enum" in node:
         return " \\| ".join(f"`{v}`" for v in node["enum"])
     kind = node.get("type", "object")

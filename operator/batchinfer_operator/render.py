@@ -103,11 +103,16 @@ def render_rbac(spec: s.BatchInferenceSpec, owner: Owner) -> list[dict[str, Any]
     return docs
 
 
+TASK_OOM_RETRIES = 3  # the job's decode tasks and model actors retry as often (batchinfer_job.pipeline)
+
+
 def _env(spec: s.BatchInferenceSpec, owner: Owner) -> list[dict[str, Any]]:
     env = [
         {"name": "BATCHINFER_NAME", "value": owner.name},
         {"name": "BATCHINFER_NAMESPACE", "value": owner.namespace},
         {"name": "BATCHINFER_SPEC", "value": f"{SPEC_DIR}/{SPEC_FILE}"},
+        # Ray retries a task its memory monitor kills without end by default: a poisoned input would loop.
+        {"name": "RAY_task_oom_retries", "value": str(TASK_OOM_RETRIES)},
     ]
     if spec.storage.endpointUrl:
         env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpointUrl})
