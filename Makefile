@@ -19,10 +19,13 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: help setup demo test lint format crds docs manifests lock helm bench images kind-e2e clean
+K8S_DIR  := $(BUILD)/k8s
+
+.PHONY: help setup demo test lint format crds docs manifests lock helm bench bench-operator images kind-e2e \
+	k8s-binaries k8s-up k8s-down clean
 
 help: ## List targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 setup: $(STAMP) ## Create .venv with pinned dependencies (idempotent)
 
@@ -45,8 +48,17 @@ demo: $(STAMP) ## Run the quickstart BatchInference locally and print a summary
 	test -f $(BUILD)/demo/images/corrupt_000.jpg || $(BIN)/batchinfer demo-data $(BUILD)/demo/images
 	$(BIN)/batchinfer run manifests/samples/quickstart.yaml
 
-test: $(STAMP) $(HELM) ## Run the whole test suite
+test: $(STAMP) $(HELM) k8s-binaries ## Run the whole test suite (starts its own control plane, S3 and Ray on 127.0.0.1)
 	PATH=$(abspath $(TOOLS)):$$PATH $(BIN)/pytest -q
+
+k8s-binaries: ## Build etcd, kube-apiserver, kube-controller-manager, KubeRay from the Go module proxy (cached per machine)
+	bash tests/controlplane/build.sh >/dev/null
+
+k8s-up: $(STAMP) $(HELM) k8s-binaries ## Start a real control plane on 127.0.0.1 (kubeconfig: build/k8s/kubeconfig)
+	$(BIN)/python -m tests.controlplane up $(K8S_DIR)
+
+k8s-down: ## Stop what `make k8s-up` started
+	test ! -x $(BIN)/python || $(BIN)/python -m tests.controlplane down $(K8S_DIR)
 
 lint: $(STAMP) ## ruff check + format check
 	$(BIN)/ruff check .
@@ -56,7 +68,8 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-crds: $(STAMP) ## Regenerate the CRD from the schema (manifests/ and the chart)
+crds: $(STAMP) ## Regenerate the torchvision name catalog and the CRD from the schema (manifests/ and the chart)
+	$(BIN)/python -m batchinfer_job.torchvision_catalog
 	$(BIN)/batchinfer crd -o manifests/crds/batchinference.yaml
 	test ! -d charts/batchinfer || $(BIN)/batchinfer crd -o charts/batchinfer/crds/batchinference.yaml
 
@@ -74,6 +87,9 @@ lock: ## Re-resolve and pin every dependency into requirements.lock
 
 bench: $(STAMP) ## Benchmark: plain PyTorch loop vs seed Ray Data recipe vs batchinfer (IMAGES=1000 REPEATS=5)
 	$(BIN)/batchinfer bench --images $(or $(IMAGES),1000) --repeats $(or $(REPEATS),5)
+
+bench-operator: $(STAMP) k8s-binaries ## Operator at scale: N BatchInferences on a real control plane (COUNT=1000)
+	$(BIN)/python -m tests.controlplane.scale --count $(or $(COUNT),1000)
 
 images: ## Build the operator and job images (needs a Docker engine)
 	docker build -f operator/Dockerfile -t batchinfer-operator:dev .

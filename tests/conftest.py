@@ -84,3 +84,10 @@ def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 BROKEN = {"corrupt_000.jpg", "truncated_000.jpg"}
+from tests.controlplane.fixtures import (  # noqa: E402, F401  (real control-plane fixtures)
+    cluster,
+    cluster_namespace,
+    control_plane,
+    operator_kubeconfig,
+    real_operator,
+)

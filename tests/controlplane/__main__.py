@@ -1,0 +1,31 @@
+"""`python -m tests.controlplane up|down [FOLDER]`: what `make k8s-up` and `make k8s-down` run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tests.controlplane.cluster import ControlPlaneError, start, stop
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("up", "down"):
+        print("usage: python -m tests.controlplane up|down [FOLDER]", file=sys.stderr)
+        return 2
+    folder = Path(argv[1] if len(argv) > 1 else "build/k8s").resolve()
+    if argv[0] == "down":
+        stopped = stop(folder)
+        print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+        return 0
+    try:
+        plane = start(folder)
+    except ControlPlaneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"control plane up at {plane.url}; logs in {folder}")
+    print(f"export KUBECONFIG={plane.kubeconfig}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,227 @@
+"""The real kopf operator (the chart's ServiceAccount and ClusterRole) and the real KubeRay operator on a real
+control plane: children, the pods KubeRay makes of our RayJob, RBAC as an authorizer enforces it, garbage
+collection, restarts, and status mirrored from what KubeRay reports."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from typing import Any
+
+import pytest
+from kubernetes.client.rest import ApiException
+
+from batchinfer_job import spec as s
+from batchinfer_job.documents import parse_document
+from batchinfer_operator import naming
+from batchinfer_operator.render import Owner, service_account_name
+from batchinfer_operator.settings import DEFAULT_JOB_IMAGE
+from tests.controlplane.fixtures import Cluster, OperatorProcess, eventually, impersonating
+
+pytestmark = pytest.mark.usefixtures("real_operator")
+
+SECRET_VALUE = f"never-copy-{uuid.uuid4().hex}"  # a credential that must appear in no spec, status or log
+
+
+def gpu_document(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{s.API_GROUP}/{s.API_VERSION}",
+        "kind": s.KIND,
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"torchvision": {"name": "resnet152", "weights": "IMAGENET1K_V2"}},
+            "input": {"uri": "s3://datasets/val/"},
+            "output": {"uri": "s3://predictions/val/"},
+            "compute": {"device": "cuda", "gpusPerActor": 1},
+            "storage": {"secretRef": {"name": "s3-credentials"}},
+            "cluster": {"workers": {"replicas": 1, "minReplicas": 1, "maxReplicas": 1, "resources": {"gpu": 1}}},
+            "scheduling": {
+                "nodeSelector": {"nvidia.com/gpu.present": "true"},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            },
+        },
+    }
+
+
+def create_secret(cluster: Cluster, namespace: str) -> None:
+    data = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": SECRET_VALUE}
+    cluster.core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "s3-credentials"},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+        },
+    )
+
+
+@pytest.fixture
+def running(cluster: Cluster, cluster_namespace: str) -> tuple[str, dict[str, Any]]:
+    """A GPU BatchInference whose RayCluster and pods KubeRay has created (pods stay Pending: no nodes)."""
+    create_secret(cluster, cluster_namespace)
+    document = gpu_document("resnet")
+    cluster.create_bi(cluster_namespace, document)
+    eventually(lambda: len(cluster.pods(cluster_namespace)) >= 2, 90, "KubeRay's head and worker pods")
+    return cluster_namespace, document
+
+
+def owner_uids(obj: Any) -> set[str]:
+    refs = obj["metadata"].get("ownerReferences") if isinstance(obj, dict) else obj.metadata.owner_references
+    return {r["uid"] if isinstance(r, dict) else r.uid for r in refs or []}
+
+
+def test_the_operator_creates_children_owned_by_the_batchinference(cluster: Cluster, running) -> None:
+    namespace, _ = running
+    bi = cluster.get_bi(namespace, "resnet")
+    uid = bi["metadata"]["uid"]
+    (rayjob,) = cluster.ray(namespace, "rayjobs")
+    assert owner_uids(rayjob) == {uid}
+    job = naming.rayjob_name("resnet")
+    assert owner_uids(cluster.core.read_namespaced_config_map(naming.child_name("resnet", "job"), namespace)) == {uid}
+    assert owner_uids(
+        cluster.core.read_namespaced_service_account(naming.child_name("resnet", "runner"), namespace)
+    ) == {uid}
+    (role,) = [r for r in cluster.rbac.list_namespaced_role(namespace).items if r.metadata.name.startswith(job)]
+    (binding,) = [
+        b for b in cluster.rbac.list_namespaced_role_binding(namespace).items if b.metadata.name.startswith(job)
+    ]
+    assert owner_uids(role) == owner_uids(binding) == {uid}
+
+
+def test_kuberay_turns_our_rayjob_into_the_pods_we_asked_for(cluster: Cluster, running) -> None:
+    namespace, document = running
+    (raycluster,) = cluster.ray(namespace, "rayclusters")
+    (rayjob,) = cluster.ray(namespace, "rayjobs")
+    assert owner_uids(raycluster) == {rayjob["metadata"]["uid"]}
+    spec = parse_document({**document, "metadata": {"name": "resnet", "namespace": namespace}}).spec
+    runner = service_account_name(spec, Owner("resnet", namespace))
+    pods = {p.metadata.labels.get("ray.io/node-type"): p for p in cluster.pods(namespace)}
+    assert {"head", "worker"} <= set(pods)
+    for kind, pod in pods.items():
+        if kind not in ("head", "worker"):
+            continue
+        container = pod.spec.containers[0]
+        assert container.image == DEFAULT_JOB_IMAGE
+        assert pod.spec.service_account_name == runner
+        assert pod.spec.node_selector == {"nvidia.com/gpu.present": "true"}
+        assert any(t.key == "nvidia.com/gpu" and t.operator == "Exists" for t in pod.spec.tolerations)
+        assert [e.secret_ref.name for e in container.env_from] == ["s3-credentials"]
+        assert container.security_context.allow_privilege_escalation is False
+    worker = pods["worker"].spec.containers[0]
+    assert worker.resources.limits["nvidia.com/gpu"] == "1"
+    assert "nvidia.com/gpu" not in (pods["head"].spec.containers[0].resources.limits or {})
+
+
+def test_no_secret_value_reaches_specs_status_or_logs(
+    cluster: Cluster, running, real_operator: OperatorProcess, control_plane
+) -> None:
+    namespace, _ = running
+    everything = [
+        cluster.get_bi(namespace, "resnet"),
+        *cluster.ray(namespace, "rayjobs"),
+        *cluster.ray(namespace, "rayclusters"),
+        *[cluster.api.sanitize_for_serialization(p) for p in cluster.pods(namespace)],
+        *[cluster.api.sanitize_for_serialization(c) for c in cluster.core.list_namespaced_config_map(namespace).items],
+    ]
+    text = json.dumps(everything)
+    assert "s3-credentials" in text  # referenced by name…
+    assert SECRET_VALUE not in text  # …never copied
+    assert SECRET_VALUE not in real_operator.text()
+    assert SECRET_VALUE not in (control_plane.folder / "ray-operator.log").read_text(errors="replace")
+
+
+def test_status_mirrors_what_the_real_kuberay_reports(cluster: Cluster, running) -> None:
+    namespace, _ = running
+
+    def mirrored() -> dict[str, Any]:
+        status = cluster.get_bi(namespace, "resnet").get("status", {})
+        (raycluster,) = cluster.ray(namespace, "rayclusters")
+        assert status.get("rayClusterName") == raycluster["metadata"]["name"], status
+        return status
+
+    status = eventually(mirrored, 60, "the RayCluster name KubeRay chose, in the BatchInference status")
+    (rayjob,) = cluster.ray(namespace, "rayjobs")
+    assert rayjob["status"]["jobDeploymentStatus"] == "Initializing"  # no node can run the pods here
+    assert status["phase"] == "Pending"
+    assert status["rayJobName"] == rayjob["metadata"]["name"]
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Running"] == "False"
+
+
+def runner_identity(namespace: str) -> tuple[str, list[str]]:
+    sa = naming.child_name("resnet", "runner")
+    return f"system:serviceaccount:{namespace}:{sa}", ["system:serviceaccounts", f"system:serviceaccounts:{namespace}"]
+
+
+def test_the_job_may_patch_only_its_own_status(cluster: Cluster, running, control_plane) -> None:
+    namespace, _ = running
+    other = gpu_document("other")
+    other["spec"]["suspend"] = True
+    cluster.create_bi(namespace, other)
+    user, groups = runner_identity(namespace)
+    job = impersonating(control_plane, user, groups)
+    progress = {"status": {"progress": {"processed": 7, "total": 10}}}
+
+    patched = job.custom.patch_namespaced_custom_object_status(
+        s.API_GROUP, s.API_VERSION, namespace, s.PLURAL, "resnet", progress
+    )
+    assert patched["status"]["progress"]["processed"] == 7
+    refusals = {
+        "another BatchInference's status": lambda: job.custom.patch_namespaced_custom_object_status(
+            s.API_GROUP, s.API_VERSION, namespace, s.PLURAL, "other", progress
+        ),
+        "its own spec": lambda: job.patch_bi(namespace, "resnet", {"spec": {"suspend": True}}),
+        "Secrets": lambda: job.core.list_namespaced_secret(namespace),
+        "a Secret by name": lambda: job.core.read_namespaced_secret("s3-credentials", namespace),
+        "pods": lambda: job.core.create_namespaced_pod(
+            namespace, {"metadata": {"name": "x"}, "spec": {"containers": [{"name": "x", "image": "busybox"}]}}
+        ),
+    }
+    for what, call in refusals.items():
+        with pytest.raises(ApiException) as refused:
+            call()
+        assert refused.value.status == 403, f"{what}: {refused.value.status} {refused.value.body}"
+
+
+def test_deleting_a_batchinference_collects_its_children(cluster: Cluster, running) -> None:
+    namespace, _ = running
+    cluster.delete_bi(namespace, "resnet")
+
+    def gone() -> bool:
+        left = {
+            "rayjobs": cluster.ray(namespace, "rayjobs"),
+            "rayclusters": cluster.ray(namespace, "rayclusters"),
+            "configmaps": [
+                c for c in cluster.core.list_namespaced_config_map(namespace).items if c.metadata.owner_references
+            ],
+            "serviceaccounts": [
+                a for a in cluster.core.list_namespaced_service_account(namespace).items if a.metadata.owner_references
+            ],
+            "roles": cluster.rbac.list_namespaced_role(namespace).items,
+            "rolebindings": cluster.rbac.list_namespaced_role_binding(namespace).items,
+        }
+        assert not any(left.values()), {k: len(v) for k, v in left.items()}
+        return True
+
+    eventually(gone, 90, "the garbage collector to remove every child")
+
+
+def test_restarting_the_operator_creates_no_second_rayjob(
+    cluster: Cluster, running, real_operator: OperatorProcess
+) -> None:
+    namespace, _ = running
+    (before,) = cluster.ray(namespace, "rayjobs")
+    resumed = f"[{namespace}/resnet] Handler 'create_children' succeeded"
+    seen = real_operator.text().count(resumed)
+    real_operator.restart()
+    eventually(lambda: real_operator.text().count(resumed) > seen, 60, "the restarted operator to resume resnet")
+    (after,) = cluster.ray(namespace, "rayjobs")
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+
+
+def test_the_operator_needs_nothing_beyond_the_charts_clusterrole(real_operator: OperatorProcess) -> None:
+    """Runs last in this module: every handler above ran with the chart's RBAC, and none was refused."""
+    log = real_operator.text()
+    assert "Handler 'create_children' succeeded" in log and "Handler 'mirror_rayjob' succeeded" in log
+    # What the RBAC authorizer says when it refuses (other 403s, e.g. a namespace being deleted, are not RBAC).
+    denied = 'is forbidden: User "system:serviceaccount:batchinfer-system:batchinfer" cannot'
+    assert denied not in log, [line for line in log.splitlines() if denied in line][:5]
