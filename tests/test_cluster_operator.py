@@ -75,7 +75,16 @@ def test_the_operator_creates_children_owned_by_the_batchinference(cluster: Clus
     bi = cluster.get_bi(namespace, "resnet")
     uid = bi["metadata"]["uid"]
     (rayjob,) = cluster.ray(namespace, "rayjobs")
-    assert owner_uids(rayjob) == {uid}
+    (ref,) = rayjob["metadata"]["ownerReferences"]
+    assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == ("BatchInference", "resnet", uid, True)
+    configmap = cluster.core.read_namespaced_config_map(naming.child_name("resnet", "job"), namespace)
+    assert json.loads(configmap.data["spec.json"])["spec"]["model"] == bi["spec"]["model"]
+    status = eventually(lambda: cluster.get_bi(namespace, "resnet").get("status", {}).get("observedGeneration"))
+    assert status == 1
+    events = eventually(
+        lambda: [e for e in cluster.core.list_namespaced_event(namespace).items if e.reason == "Created"]
+    )
+    assert "RayJob/resnet" in events[0].message
     job = naming.rayjob_name("resnet")
     assert owner_uids(cluster.core.read_namespaced_config_map(naming.child_name("resnet", "job"), namespace)) == {uid}
     assert owner_uids(
