@@ -8,7 +8,9 @@ Added here:
   ownerReferences without a uid; unknown fields pruned as a structural schema prunes them;
 - the status subresource: a patch to the object ignores `status`, a patch to `/status` changes only it;
 - optimistic concurrency: a write naming a stale metadata.resourceVersion is refused with 409 Conflict;
-- garbage collection: deleting an owner deletes the objects whose ownerReferences name its uid.
+- one-shot injected faults (429/500/503) and objects stored without admission (as if stored before a schema
+  tightened), which a real API server cannot produce on demand.
+Garbage collection, RBAC, CEL and KubeRay itself are tested on the real control plane (tests/controlplane).
 The emulator runs on its own event loop in a thread, so tests and the operator can use blocking clients.
 """
 
@@ -206,33 +208,10 @@ class StrictEmulator(kmock.KubernetesEmulator):
             self._inject_fault(request)
         if request.resource is not None and request.action in (enums.action.CREATE, enums.action.UPDATE):
             request = self._admit(request)
-        deleted_uid = None
-        if request.resource is not None and request.action == enums.action.DELETE and request.name:
-            key = (request.resource, request.namespace, request.name)
-            if key in self._objects and not self._objects[key].deleted:
-                deleted_uid = self._objects[key].raw.get("metadata", {}).get("uid")
         response = await super()._handle(request)
         if request.action == enums.action.CREATE and response.status == 200 and not response.prepared:
             response.set_status(201)  # as the API server answers a create
-        if deleted_uid:
-            await self._collect_garbage(deleted_uid)
         return response
-
-    async def _collect_garbage(self, owner_uid: str) -> None:
-        """Delete every live object whose ownerReferences name the gone owner (recursively)."""
-        async with self._lock:
-            victims = [
-                (key, obj.raw)
-                for key, obj in self._objects.items()
-                if not obj.deleted
-                and any(r.get("uid") == owner_uid for r in obj.raw.get("metadata", {}).get("ownerReferences") or [])
-            ]
-            for key, raw in victims:
-                self._objects[key].delete()
-                await self._buses[key[0]].put({"type": "DELETED", "object": raw})
-        for _, raw in victims:
-            if raw.get("metadata", {}).get("uid"):
-                await self._collect_garbage(raw["metadata"]["uid"])
 
 
 class EmulatorThread:

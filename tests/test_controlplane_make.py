@@ -1,0 +1,39 @@
+"""`make k8s-up` and `make k8s-down` as the README runs them: a working kubeconfig, then nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import psutil
+
+
+def make(target: str, folder: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["make", target, f"K8S_DIR={folder}"], capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+def test_make_k8s_up_serves_our_crd_and_k8s_down_stops_every_process(tmp_path: Path) -> None:
+    folder = tmp_path / "k8s"
+    up = make("k8s-up", folder)
+    assert up.returncode == 0, up.stdout + up.stderr
+    pids = json.loads((folder / "state.json").read_text())["pids"]
+    assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "ray-operator"}
+    try:
+        kubectl = Path("build/tools/kubectl").resolve()
+        env = {**os.environ, "KUBECONFIG": str(folder / "kubeconfig")}
+        crds = subprocess.run([str(kubectl), "get", "crd", "-o", "name"], capture_output=True, text=True, env=env)
+        assert crds.returncode == 0, crds.stderr
+        assert "batchinferences.batchinfer.dev" in crds.stdout and "rayjobs.ray.io" in crds.stdout
+        for pid in pids.values():  # every listener on loopback only
+            for conn in psutil.Process(pid).net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    assert conn.laddr.ip == "127.0.0.1", conn
+    finally:
+        down = make("k8s-down", folder)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "stopped: etcd, kube-apiserver, kube-controller-manager, ray-operator" in down.stdout
+    assert not [pid for pid in pids.values() if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
