@@ -88,8 +88,8 @@ lock: ## Re-resolve and pin every dependency into requirements.lock
 bench: $(STAMP) ## Benchmark: plain PyTorch loop vs seed Ray Data recipe vs batchinfer (IMAGES=1000 REPEATS=5)
 	$(BIN)/batchinfer bench --images $(or $(IMAGES),1000) --repeats $(or $(REPEATS),5)
 
-bench-operator: $(STAMP) k8s-binaries ## Operator at scale: N BatchInferences on a real control plane (COUNT=1000)
-	$(BIN)/python -m tests.controlplane.scale --count $(or $(COUNT),1000)
+bench-operator: $(STAMP) k8s-binaries ## Operator at scale on a real control plane (COUNT=1000, RATE=0: unpaced)
+	$(BIN)/python -m tests.controlplane.scale --count $(or $(COUNT),1000) --rate $(or $(RATE),0)
 
 images: ## Build the operator and job images (needs a Docker engine)
 	docker build -f operator/Dockerfile -t batchinfer-operator:dev .

@@ -39,11 +39,10 @@ class OutputExistsError(FileExistsError):
     """The output cannot be used: it holds data (error_if_exists), foreign files, or is a file."""
 
 
-IN_FLIGHT_MARK = storage.IN_FLIGHT
+_SHARD_NAME = r"part-[0-9a-f]+-\d+(-dedup-[0-9a-f]+)*"  # part-<run>-<seq>, then one -dedup-<run> per rewrite
 _OWN_FILE = re.compile(
-    r"^(_SUCCESS\.json|_job\.json|part-[0-9a-f]+-\d+(-dedup-[0-9a-f]+)*\.parquet"
-    r"|_shards/part-[0-9a-f]+-\d+(-dedup-[0-9a-f]+)*\.json|_errors/part-[0-9a-f]+-\d+(-dedup-[0-9a-f]+)*\.parquet)"
-    r"(\.tmp-[0-9a-f]+)?$"
+    rf"^(_SUCCESS\.json|_job\.json|{_SHARD_NAME}\.parquet|_shards/{_SHARD_NAME}\.json|_errors/{_SHARD_NAME}\.parquet)"
+    rf"({re.escape(storage.IN_FLIGHT)}[0-9a-f]+)?$"
 )
 
 
@@ -114,7 +113,7 @@ class OutputStore:
                     f"output.uri {self.location.uri!r} already holds batchinfer output; set output.mode: "
                     "overwrite to replace it, or choose another output.uri"
                 )
-            storage.remove_files(self.location, [f for f in files if IN_FLIGHT_MARK not in f])
+            storage.remove_files(self.location, [f for f in files if storage.IN_FLIGHT not in f])
         storage.ensure_folder(self.location)
         storage.write_json(self.location.child(JOB_FILE), {"fingerprint": fingerprint})
         return []

@@ -17,6 +17,7 @@ from batchinfer_operator.handlers import batchinference, rayjob  # noqa: F401  (
 from batchinfer_operator.settings import OperatorSettings
 
 PREFIX = "batchinfer.dev"
+HANDLER_THREADS = 32
 
 
 def peering_priority(pod_name: str) -> int:
@@ -33,6 +34,9 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
         prefix=PREFIX, key="last-handled-configuration"
     )
     settings.posting.level = logging.INFO
+    # Handlers call the (blocking) kubernetes client; kopf runs them in a thread pool that defaults to a few
+    # threads per core, so a burst of new BatchInferences queues behind a handful of API round trips.
+    settings.execution.max_workers = HANDLER_THREADS
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
     settings.peering.name = "batchinfer"

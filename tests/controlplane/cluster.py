@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -130,9 +131,8 @@ def start(folder: Path, timeout: float = 180) -> ControlPlane:
     bin_dir = binaries()
     if folder.exists():
         stop(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("*.log"):
-        stale.unlink()
+        shutil.rmtree(folder)  # a fresh etcd, certificates and logs every run
+    folder.mkdir(parents=True)
     keys = pki.generate(folder / "pki", {"admin": ("admin", "system:masters")})
     processes: dict[str, subprocess.Popen] = {}
     try:

@@ -64,11 +64,16 @@ def watch_rayjobs(api: client.ApiClient, seen: dict[str, float], stop_flag: thre
             seen.setdefault(event["object"]["metadata"]["name"], time.monotonic())
 
 
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def run(count: int, folder: Path) -> list[str]:
+def run(count: int, folder: Path, rate: float = 0) -> list[str]:
     plane = start(folder)
     try:
         admin = Cluster(config.new_client_from_config(str(plane.kubeconfig)))
@@ -87,6 +92,8 @@ def run(count: int, folder: Path) -> list[str]:
         created: dict[str, float] = {}
         began = time.monotonic()
         for index in range(count):
+            if rate:  # paced: the index-th create is due index/rate seconds after the first
+                time.sleep(max(0.0, began + index / rate - time.monotonic()))
             document = body(index)
             created[document["metadata"]["name"]] = time.monotonic()
             admin.create_bi(NAMESPACE, document)
@@ -102,13 +109,18 @@ def run(count: int, folder: Path) -> list[str]:
         stop_flag.set()
         rss.running = False
         latencies = [seen[name] - created[name] for name in created if name in seen]
+        cpu = {
+            name: cpu_seconds(pid) for name, pid in {**plane.pids, "batchinfer-operator": operator.process.pid}.items()
+        }
         operator.stop()
         return [
-            f"batchinferences={count} created_in={created_in:.1f}s (client, sequential)",
+            f"batchinferences={count} created_in={created_in:.1f}s (one client, "
+            + (f"paced at {rate:g}/s)" if rate else "as fast as it can)"),
             f"create_to_rayjob p50={percentile(latencies, 50):.2f}s p99={percentile(latencies, 99):.2f}s "
             f"max={max(latencies):.2f}s",
             f"all_reconciled_after={total:.1f}s",
             f"operator_peak_rss={rss.peak / 2**20:.0f}MiB",
+            "cpu_seconds " + " ".join(f"{name}={seconds:.0f}" for name, seconds in cpu.items()),
         ]
     finally:
         stop(folder)
@@ -117,9 +129,10 @@ def run(count: int, folder: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=0, help="creates per second (0: as fast as possible)")
     parser.add_argument("--folder", type=Path, default=REPO / "build" / "k8s-bench")
     args = parser.parse_args()
-    for line in run(args.count, args.folder.resolve()):
+    for line in run(args.count, args.folder.resolve(), args.rate):
         print(line, flush=True)
 
 
