@@ -88,7 +88,7 @@ def test_the_operator_creates_children_owned_by_the_batchinference(cluster: Clus
     job = naming.rayjob_name("resnet")
     assert owner_uids(cluster.core.read_namespaced_config_map(naming.child_name("resnet", "job"), namespace)) == {uid}
     assert owner_uids(
-        cluster.core.read_namespaced_service_account(naming.child_name("resnet", "runner"), namespace)
+        cluster.core.read_namespaced_service_account(naming.runner_account_name("resnet"), namespace)
     ) == {uid}
     (role,) = [r for r in cluster.rbac.list_namespaced_role(namespace).items if r.metadata.name.startswith(job)]
     (binding,) = [
@@ -157,7 +157,7 @@ def test_status_mirrors_what_the_real_kuberay_reports(cluster: Cluster, running)
 
 
 def runner_identity(namespace: str) -> tuple[str, list[str]]:
-    sa = naming.child_name("resnet", "runner")
+    sa = naming.runner_account_name("resnet")
     return f"system:serviceaccount:{namespace}:{sa}", ["system:serviceaccounts", f"system:serviceaccounts:{namespace}"]
 
 
@@ -234,3 +234,32 @@ def test_the_operator_needs_nothing_beyond_the_charts_clusterrole(real_operator:
     # What the RBAC authorizer says when it refuses (other 403s, e.g. a namespace being deleted, are not RBAC).
     denied = 'is forbidden: User "system:serviceaccount:batchinfer-system:batchinfer" cannot'
     assert denied not in log, [line for line in log.splitlines() if denied in line][:5]
+
+
+def test_a_long_name_with_autoscaling_gets_a_service_account_that_exists(
+    cluster: Cluster, cluster_namespace: str
+) -> None:
+    """KubeRay's CheckName cuts a head pod's serviceAccountName to 50 characters when autoscaling; ours is never
+    longer, so the autoscaler's RoleBinding and the head pod name the ServiceAccount the operator created."""
+    name = "a-very-long-batchinference-name-for-the-nightly-catalog-run-x1"  # 62 characters
+    document = gpu_document(name)
+    document["spec"]["storage"] = {}
+    document["spec"]["cluster"] = {"enableInTreeAutoscaling": True, "workers": {"replicas": 1, "maxReplicas": 2}}
+    cluster.create_bi(cluster_namespace, document)
+    head = eventually(
+        lambda: [p for p in cluster.pods(cluster_namespace) if p.metadata.labels.get("ray.io/node-type") == "head"],
+        90,
+        "the head pod",
+    )[0]
+    account = head.spec.service_account_name
+    assert account == naming.runner_account_name(name) and len(account) <= 50
+    cluster.core.read_namespaced_service_account(account, cluster_namespace)  # exists: no 404
+    bindings = eventually(
+        lambda: (lambda items: items if len(items) >= 2 else None)(
+            cluster.rbac.list_namespaced_role_binding(cluster_namespace).items
+        ),
+        60,
+        "our progress RoleBinding and KubeRay's autoscaler RoleBinding",
+    )
+    subjects = {s.name for b in bindings for s in b.subjects or []}
+    assert subjects == {account}, subjects  # ours (progress) and KubeRay's autoscaler binding name the same account

@@ -131,6 +131,18 @@ def test_suspend_may_change_and_reaches_the_rayjob(operator, api: Api, namespace
     assert not any(c["type"] == "SpecRejected" and c["status"] == "True" for c in conditions)
 
 
+def test_suspend_is_never_written_on_a_rayjob_kueue_admits(operator, api: Api, namespace: str) -> None:
+    spec = quickstart_spec()
+    spec["scheduling"] = {"queueName": "team-ml"}
+    spec["suspend"] = True  # created suspended; Kueue admits it by unsuspending the RayJob
+    started(api, namespace, spec)
+    eventually(lambda: api.get_bi(namespace, NAME).get("status", {}).get("acceptedSpecHash"), what="accepted")
+    api.patch_bi(namespace, NAME, {"spec": {"suspend": False}})
+    ignored = eventually(lambda: [e for e in api.events(namespace) if e.reason == "SuspendIgnored"], what="event")
+    assert "Kueue queue 'team-ml' owns this RayJob's admission" in ignored[0].message
+    assert one_rayjob(api, namespace)["spec"]["suspend"] is True  # left for Kueue to change
+
+
 def test_spec_the_schema_cannot_catch_fails_with_named_field(operator, api: Api, namespace: str) -> None:
     spec = quickstart_spec()
     spec["model"] = {"packaged": "efficientnet_lite0", "torchvision": {"name": "resnet50"}}  # a CEL-only rule

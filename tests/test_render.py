@@ -131,3 +131,11 @@ def test_child_names_are_dns1035_and_short_enough(name: str) -> None:
 def test_truncated_names_do_not_collide() -> None:
     assert naming.rayjob_name("a" * 60 + "x") != naming.rayjob_name("a" * 60 + "y")
     assert naming.rayjob_name("my.job") != naming.rayjob_name("my-job")
+
+
+@pytest.mark.parametrize("length", [1, 40, 44, 47, 50, 63])
+def test_runner_account_names_survive_kuberays_checkname(length: int) -> None:
+    """KubeRay cuts service-account names over 50 characters and rewrites a leading digit (autoscaling)."""
+    name = ("9" + "x" * 62)[:length]
+    account = naming.runner_account_name(name)
+    assert len(account) <= 50 and account[0].isalpha()

@@ -21,7 +21,7 @@ from batchinfer_operator.status import phase_of, status_from_rayjob
         ("Failed", "FAILED", "Failed"),
         ("ValidationFailed", "", "Failed"),
         ("Suspended", "", "Suspended"),
-        ("Retrying", "FAILED", "Pending"),
+        ("Retrying", "FAILED", "Retrying"),
     ],
 )
 def test_phase_of(deployment: str, job: str, phase: str) -> None:
@@ -64,3 +64,16 @@ def test_transition_time_moves_only_when_a_condition_flips() -> None:
     assert running["first"]["lastTransitionTime"] == running["again"]["lastTransitionTime"] == "T1"
     assert running["done"]["status"] == "False" and running["done"]["lastTransitionTime"] == "T3"
     assert next(c for c in done["conditions"] if c["type"] == "Succeeded")["status"] == "True"
+
+
+def test_a_retry_shows_its_attempt_and_keeps_the_first_start_time() -> None:
+    first = status_from_rayjob(rayjob(jobDeploymentStatus="Running", startTime="T1", failed=0), {}, "now", 1)
+    assert (first["phase"], first["attempt"], first["startTime"]) == ("Running", 1, "T1")
+    retrying = status_from_rayjob(rayjob(jobDeploymentStatus="Retrying", startTime="T2", failed=1), first, "now", 1)
+    assert (retrying["phase"], retrying["attempt"]) == ("Retrying", 2)
+    assert "startTime" not in retrying  # KubeRay reset it for the new attempt; the first one's stays
+
+
+def test_the_dashboard_address_becomes_a_url() -> None:
+    out = status_from_rayjob(rayjob(jobDeploymentStatus="Running", dashboardURL="rj-head-svc.ns.svc:8265"), {}, "n", 1)
+    assert out["dashboardURL"] == "http://rj-head-svc.ns.svc:8265"

@@ -428,9 +428,24 @@ class ClusterSpec(_Model):
     enableInTreeAutoscaling: bool = Field(default=False, description="Let Ray's autoscaler add/remove workers.")
     serviceAccountName: str | None = Field(
         default=None,
-        description="ServiceAccount of the Ray pods (default: one the operator creates).",
-        max_length=253,
+        description=(
+            "ServiceAccount of the Ray pods (default: one the operator creates). At most 50 characters, starting "
+            "with a letter: KubeRay rewrites longer names (and a leading digit) for its autoscaler."
+        ),
+        max_length=50,
+        pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$",
     )
+
+    @model_validator(mode="after")
+    def _replicas_need_autoscaling(self) -> ClusterSpec:
+        workers = self.workers
+        if not self.enableInTreeAutoscaling and workers.maxReplicas != workers.replicas:
+            raise ValueError(
+                f"cluster.workers.maxReplicas ({workers.maxReplicas}) differs from replicas ({workers.replicas}) "
+                "but cluster.enableInTreeAutoscaling is false: without autoscaling KubeRay runs exactly replicas "
+                "workers. Set enableInTreeAutoscaling: true, or maxReplicas equal to replicas"
+            )
+        return self
 
 
 class SchedulingSpec(_Model):
@@ -476,13 +491,28 @@ class BatchInferenceSpec(_Model):
     )
     backoffLimit: int = Field(default=0, ge=0, le=100, description="Retries of the whole job on a new cluster.")
     ttlSecondsAfterFinished: int = Field(
-        default=3600, ge=0, le=INT32_MAX, description="Seconds the finished RayJob is kept before deletion."
+        default=60,
+        ge=0,
+        le=INT32_MAX,
+        description=(
+            "Seconds after the job ends before KubeRay deletes its RayCluster (every Ray pod, so GPUs are freed). "
+            "The RayJob and this BatchInference, with its final status, are kept; predictions stay in storage."
+        ),
     )
 
     @model_validator(mode="after")
     def _gpu_fits(self) -> BatchInferenceSpec:
         if self.compute.gpusPerActor > 0 and self.compute.device == "cpu":
             raise ValueError("compute.device=cpu contradicts compute.gpusPerActor > 0; set gpusPerActor: 0")
+        return self
+
+    @model_validator(mode="after")
+    def _kueue_without_autoscaling(self) -> BatchInferenceSpec:
+        if self.scheduling.queueName and self.cluster.enableInTreeAutoscaling:
+            raise ValueError(
+                "scheduling.queueName and cluster.enableInTreeAutoscaling: true cannot go together: Kueue admits a "
+                "RayJob for a fixed size and refuses autoscaling ones; drop one of them"
+            )
         return self
 
     @model_validator(mode="after")
@@ -514,7 +544,7 @@ def output_location_problem(input_uri: str, output_uri: str) -> str | None:
     return None
 
 
-Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+Phase = Literal["Pending", "Running", "Retrying", "Succeeded", "Failed", "Suspended"]
 
 
 class Condition(BaseModel):
@@ -543,12 +573,19 @@ class Progress(BaseModel):
 class BatchInferenceStatus(BaseModel):
     """What the operator and the job report."""
 
-    phase: Phase | None = Field(default=None, description="Pending, Running, Succeeded, Failed or Suspended.")
+    phase: Phase | None = Field(
+        default=None,
+        description="Pending, Running, Retrying (an attempt failed; backoffLimit allows another), Succeeded, "
+        "Failed or Suspended.",
+    )
+    attempt: int | None = Field(
+        default=None, ge=1, description="Which attempt of the job runs (or ran last): 1 + failed attempts."
+    )
     conditions: list[Condition] | None = Field(default=None, description="Kubernetes-style conditions.")
     rayJobName: str | None = Field(default=None, description="The RayJob this BatchInference runs as.")
     rayClusterName: str | None = Field(default=None, description="The RayCluster KubeRay created for it.")
-    dashboardURL: str | None = Field(default=None, description="Ray dashboard of the cluster.")
-    startTime: str | None = Field(default=None, description="When the job started running.")
+    dashboardURL: str | None = Field(default=None, description="Ray dashboard of the cluster (a URL).")
+    startTime: str | None = Field(default=None, description="When the job's first attempt started running.")
     completionTime: str | None = Field(default=None, description="When the job finished.")
     observedGeneration: int | None = Field(default=None, description="Last spec generation acted upon.")
     reason: str | None = Field(default=None, description="Why it failed (from KubeRay or the job).")

@@ -63,6 +63,19 @@ _OUTPUT_APART_RULE = {
     "rule": f"!{_slash('output')}.startsWith({_slash('input')}) && !{_slash('input')}.startsWith({_slash('output')})",
     "message": "output.uri must not be input.uri, inside it or above it; write predictions to a separate prefix",
 }
+_REPLICAS_NEED_AUTOSCALING_RULE = {
+    "rule": "(has(self.enableInTreeAutoscaling) && self.enableInTreeAutoscaling) || !has(self.workers) || "
+    "(has(self.workers.maxReplicas) ? self.workers.maxReplicas : 1) == "
+    "(has(self.workers.replicas) ? self.workers.replicas : 1)",
+    "message": "cluster.workers.maxReplicas differs from replicas but cluster.enableInTreeAutoscaling is false: "
+    "without autoscaling KubeRay runs exactly replicas workers",
+}
+_KUEUE_WITHOUT_AUTOSCALING_RULE = {
+    "rule": "!has(self.scheduling) || !has(self.scheduling.queueName) || !has(self.cluster) || "
+    "!has(self.cluster.enableInTreeAutoscaling) || !self.cluster.enableInTreeAutoscaling",
+    "message": "scheduling.queueName and cluster.enableInTreeAutoscaling: true cannot go together: Kueue admits a "
+    "RayJob for a fixed size and refuses autoscaling ones",
+}
 _NAME_RULE = {
     "rule": f"self.metadata.name.size() <= {s.NAME_MAX}",
     "message": f"metadata.name must have at most {s.NAME_MAX} characters (it becomes a label value)",
@@ -133,7 +146,8 @@ def spec_schema() -> dict[str, Any]:
         props[section]["properties"]["uri"]["x-kubernetes-validations"] = list(_URI_RULES)
     props["output"]["properties"]["uri"]["x-kubernetes-validations"].append(_OUTPUT_NOT_HERE_RULE)
     props["model"]["properties"]["weightsUri"]["x-kubernetes-validations"] = list(_URI_RULES)
-    schema["x-kubernetes-validations"] = [_OUTPUT_APART_RULE]
+    schema["x-kubernetes-validations"] = [_OUTPUT_APART_RULE, _KUEUE_WITHOUT_AUTOSCALING_RULE]
+    props["cluster"].setdefault("x-kubernetes-validations", []).insert(0, _REPLICAS_NEED_AUTOSCALING_RULE)
     for field in IMMUTABLE_FIELDS:
         props[field].setdefault("x-kubernetes-validations", []).append(
             {

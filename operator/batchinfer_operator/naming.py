@@ -7,6 +7,10 @@ import re
 
 # KubeRay derives RayCluster/pod names from the RayJob's; it rejects RayJob names over 47 characters.
 RAYJOB_NAME_MAX = 47
+# With autoscaling, KubeRay passes the head pod's serviceAccountName through CheckName (longer names are cut
+# to their last 50 characters, a leading digit becomes "r") and binds the autoscaler to the cut name: a name
+# must already be what CheckName makes of it.
+SERVICE_ACCOUNT_NAME_MAX = 50
 LABEL_VALUE_MAX = 63
 _HASH_LEN = 8
 
@@ -41,6 +45,12 @@ def label_value(value: str) -> str:
 
 def rayjob_name(bi_name: str) -> str:
     return dns1035(bi_name, RAYJOB_NAME_MAX)
+
+
+def runner_account_name(bi_name: str) -> str:
+    """The Ray pods' ServiceAccount: `<rayjob>-runner`, hashed down to 50 characters, so that KubeRay's
+    CheckName leaves it unchanged."""
+    return dns1035(f"{rayjob_name(bi_name)}-runner", SERVICE_ACCOUNT_NAME_MAX)
 
 
 def child_name(bi_name: str, role: str) -> str:

@@ -66,7 +66,7 @@ def render_configmap(spec: s.BatchInferenceSpec, owner: Owner) -> dict[str, Any]
 
 
 def service_account_name(spec: s.BatchInferenceSpec, owner: Owner) -> str:
-    return spec.cluster.serviceAccountName or naming.child_name(owner.name, "runner")
+    return spec.cluster.serviceAccountName or naming.runner_account_name(owner.name)
 
 
 def render_rbac(spec: s.BatchInferenceSpec, owner: Owner) -> list[dict[str, Any]]:

@@ -30,6 +30,8 @@ def phase_of(rayjob_status: dict[str, Any]) -> str:
         return "Running"  # jobStatus lags: do not claim success or failure yet
     if deployment == "Running":
         return "Running"
+    if deployment == "Retrying":  # an attempt failed and backoffLimit allows another
+        return "Retrying"
     return "Pending"
 
 
@@ -88,16 +90,24 @@ def status_from_rayjob(
         "rayJobName": rayjob["metadata"]["name"],
         "conditions": conditions_for(phase, reason, message, current.get("conditions"), now, generation),
     }
-    for ours, theirs in (("rayClusterName", "rayClusterName"), ("dashboardURL", "dashboardURL")):
-        if rj_status.get(theirs):
-            patch[ours] = rj_status[theirs]
-    if rj_status.get("startTime"):
-        patch["startTime"] = rj_status["startTime"]
+    if rj_status.get("rayClusterName"):
+        patch["rayClusterName"] = rj_status["rayClusterName"]
+    if rj_status.get("dashboardURL"):
+        patch["dashboardURL"] = dashboard_url(rj_status["dashboardURL"])
+    if rj_status.get("startTime") and not current.get("startTime"):
+        patch["startTime"] = rj_status["startTime"]  # the first attempt's: KubeRay resets it on each retry
+    if isinstance(rj_status.get("failed"), int):
+        patch["attempt"] = rj_status["failed"] + (0 if phase == "Failed" else 1)
     if phase in ("Succeeded", "Failed"):
         patch["completionTime"] = rj_status.get("endTime") or current.get("completionTime") or now
     if phase == "Failed":
         patch["reason"], patch["message"] = reason, message
     return patch
+
+
+def dashboard_url(address: str) -> str:
+    """KubeRay reports the dashboard as host:port; status carries a URL."""
+    return address if "://" in address else f"http://{address}"
 
 
 def is_terminal(phase: str | None) -> bool:

@@ -165,8 +165,17 @@ def spec_changed(
     if (old if isinstance(old, Mapping) else {}).get("suspend", False) != parsed.suspend and not is_terminal(
         status.get("phase")
     ):
-        kube.patch_rayjob_suspend(namespace, naming.rayjob_name(name), parsed.suspend)
-        kopf.info(body, reason="Suspended" if parsed.suspend else "Resumed", message=f"suspend={parsed.suspend}")
+        if parsed.scheduling.queueName:
+            # Kueue owns a queued RayJob's spec.suspend (it admits by unsuspending): writing it would fight Kueue.
+            kopf.warn(
+                body,
+                reason="SuspendIgnored",
+                message=f"spec.suspend={parsed.suspend} is not passed on: Kueue queue "
+                f"{parsed.scheduling.queueName!r} owns this RayJob's admission; stop it through Kueue instead",
+            )
+        else:
+            kube.patch_rayjob_suspend(namespace, naming.rayjob_name(name), parsed.suspend)
+            kopf.info(body, reason="Suspended" if parsed.suspend else "Resumed", message=f"suspend={parsed.suspend}")
     patch.status["observedGeneration"] = generation
 
 
