@@ -263,3 +263,70 @@ def test_a_long_name_with_autoscaling_gets_a_service_account_that_exists(
     )
     subjects = {s.name for b in bindings for s in b.subjects or []}
     assert subjects == {account}, subjects  # ours (progress) and KubeRay's autoscaler binding name the same account
+
+
+def mark_ready(cluster: Cluster, pod) -> None:
+    """What a kubelet would report for a started pod (there is no kubelet here)."""
+    now = "2026-11-27T00:00:00Z"
+    statuses = [
+        {
+            "name": c.name,
+            "ready": True,
+            "restartCount": 0,
+            "image": c.image,
+            "imageID": "",
+            "started": True,
+            "state": {"running": {"startedAt": now}},
+        }
+        for c in pod.spec.containers
+    ]
+    cluster.core.patch_namespaced_pod_status(
+        pod.metadata.name,
+        pod.metadata.namespace,
+        {
+            "status": {
+                "phase": "Running",
+                "podIP": "127.0.0.1",
+                "conditions": [{"type": "Ready", "status": "True"}],
+                "containerStatuses": statuses,
+            }
+        },
+    )
+
+
+def test_a_restricted_namespace_admits_every_pod_kuberay_creates(cluster: Cluster, cluster_namespace: str) -> None:
+    """Pod Security `restricted`: the head (with the autoscaler sidecar), the workers and the job submitter."""
+    cluster.core.patch_namespace(
+        cluster_namespace, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
+    )
+    document = gpu_document("locked")
+    document["spec"]["storage"] = {}
+    document["spec"]["cluster"] = {"enableInTreeAutoscaling": True, "workers": {"replicas": 1, "maxReplicas": 2}}
+    cluster.create_bi(cluster_namespace, document)
+
+    def ray_pods() -> list:
+        pods = [
+            p
+            for p in cluster.pods(cluster_namespace)
+            if p.metadata.labels.get("ray.io/node-type") in ("head", "worker")
+        ]
+        return pods if len(pods) == 2 else []
+
+    pods = eventually(ray_pods, 90, "the head and worker pods admitted")
+    head = next(p for p in pods if p.metadata.labels["ray.io/node-type"] == "head")
+    assert {c.name for c in head.spec.containers} >= {"ray-head", "autoscaler"}
+    for pod in pods:
+        mark_ready(cluster, pod)
+    submitter = eventually(
+        lambda: [p for p in cluster.pods(cluster_namespace) if p.metadata.labels.get("job-name")],
+        90,
+        "the submitter pod, admitted",
+    )[0]
+    assert submitter.spec.service_account_name == naming.runner_account_name("locked")
+    assert not submitter.spec.node_selector  # a CPU pod: none of the GPU workers' scheduling
+    refused = [
+        e.message
+        for e in cluster.core.list_namespaced_event(cluster_namespace).items
+        if "PodSecurity" in (e.message or "")
+    ]
+    assert refused == []

@@ -132,6 +132,16 @@ def _resources(res: s.Resources, gpus: int) -> dict[str, Any]:
     return {"requests": amounts, "limits": limits}
 
 
+# What Pod Security `restricted` asks of every container; each container KubeRay makes for us carries it.
+HARDENED = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+SUBMITTER_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
+
+
 def _container(
     name: str, spec: s.BatchInferenceSpec, owner: Owner, settings: OperatorSettings, resources: dict[str, Any]
 ) -> dict[str, Any]:
@@ -142,12 +152,7 @@ def _container(
         "env": _env(spec, owner),
         "resources": resources,
         "volumeMounts": [{"name": "batchinfer-job", "mountPath": SPEC_DIR, "readOnly": True}],
-        "securityContext": {
-            "runAsNonRoot": True,
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": dict(HARDENED),
     }
     if spec.storage.secretRef is not None:
         container["envFrom"] = [{"secretRef": {"name": spec.storage.secretRef.name}}]
@@ -171,6 +176,30 @@ def _pod_template(
         pod["affinity"] = dict(sched.affinity)
     if sched.priorityClassName:
         pod["priorityClassName"] = sched.priorityClassName
+    return {"metadata": {"labels": labels}, "spec": pod}
+
+
+def _submitter_template(
+    spec: s.BatchInferenceSpec, owner: Owner, settings: OperatorSettings, labels: dict[str, str]
+) -> dict[str, Any]:
+    """The pod that submits the job to the cluster (KubeRay fills in its command): small, hardened, the job's
+    ServiceAccount, and no GPU node selector or tolerations, so it lands on an ordinary CPU node."""
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": service_account_name(spec, owner),
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [
+            {
+                "name": "ray-job-submitter",
+                "image": spec.cluster.image or settings.job_image,
+                "imagePullPolicy": settings.image_pull_policy,
+                "resources": SUBMITTER_RESOURCES,
+                "securityContext": dict(HARDENED),
+            }
+        ],
+    }
+    if spec.scheduling.priorityClassName:
+        pod["priorityClassName"] = spec.scheduling.priorityClassName
     return {"metadata": {"labels": labels}, "spec": pod}
 
 
@@ -200,6 +229,7 @@ def render_rayjob(spec: s.BatchInferenceSpec, owner: Owner, settings: OperatorSe
         "ttlSecondsAfterFinished": spec.ttlSecondsAfterFinished,
         "backoffLimit": spec.backoffLimit,
         "suspend": spec.suspend,
+        "submitterPodTemplate": _submitter_template(spec, owner, settings, labels),
         "rayClusterSpec": {
             "rayVersion": spec.cluster.rayVersion or settings.ray_version,
             "enableInTreeAutoscaling": spec.cluster.enableInTreeAutoscaling,
@@ -220,6 +250,8 @@ def render_rayjob(spec: s.BatchInferenceSpec, owner: Owner, settings: OperatorSe
             ],
         },
     }
+    if spec.cluster.enableInTreeAutoscaling:  # the autoscaler sidecar KubeRay adds to the head pod
+        rayjob_spec["rayClusterSpec"]["autoscalerOptions"] = {"securityContext": dict(HARDENED)}
     if spec.activeDeadlineSeconds is not None:
         rayjob_spec["activeDeadlineSeconds"] = spec.activeDeadlineSeconds
     return {
