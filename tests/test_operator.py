@@ -238,3 +238,47 @@ def test_a_refused_change_stays_refused_after_an_operator_restart(operator, api:
     time.sleep(2)
     assert api.get_bi(namespace, NAME)["status"]["acceptedSpecHash"] == accepted
     assert read_configmap_spec(api, namespace)["spec"]["compute"]["maxActors"] == 1
+
+
+def test_a_child_someone_else_owns_fails_the_batchinference_with_the_cause(operator, api: Api, namespace: str) -> None:
+    api.core.create_namespaced_config_map(namespace, {"metadata": {"name": "quickstart-job"}, "data": {"x": "y"}})
+    api.create_bi(namespace, NAME, quickstart_spec())
+    status = eventually(
+        lambda: (
+            (api.get_bi(namespace, NAME).get("status") or {}).get("phase") == "Failed"
+            and api.get_bi(namespace, NAME)["status"]
+        ),
+        what="Failed",
+    )
+    assert status["reason"] == "ChildCreationFailed"
+    assert "ConfigMap" in status["message"] and "not owned by this BatchInference" in status["message"]
+    assert api.rayjobs(namespace) == []
+
+
+def test_a_status_write_lost_with_the_last_rayjob_event_is_repaired(operator, k8s, api: Api, namespace: str) -> None:
+    kuberay = started(api, namespace)
+    kuberay.running()
+    eventually(lambda: phase(api, namespace) == "Running", what="Running")
+    time.sleep(1)  # let kopf settle its own annotation patches before the fault is armed
+    k8s.emulator.faults.append(("UPDATE", "batchinferences", 500))  # a PATCH is an UPDATE to kmock
+    kuberay.succeed()  # the mirror's write of Succeeded meets the 500; kopf never retries event handlers
+    eventually(lambda: not k8s.emulator.faults, what="the injected fault to be spent")
+    eventually(lambda: phase(api, namespace) == "Succeeded", timeout=30, what="the resync to write Succeeded")
+
+
+def test_the_deadline_counts_from_the_first_attempt_and_the_operator_ends_the_job(
+    operator, api: Api, namespace: str
+) -> None:
+    spec = quickstart_spec()
+    spec["activeDeadlineSeconds"] = 60
+    spec["backoffLimit"] = 2
+    kuberay = started(api, namespace, spec)
+    kuberay.running()  # the first attempt started on 2026-11-25: far more than 60 s ago
+    status = eventually(
+        lambda: phase(api, namespace) == "Failed" and api.get_bi(namespace, NAME)["status"],
+        timeout=30,
+        what="Failed by the deadline",
+    )
+    assert status["reason"] == "DeadlineExceeded"
+    assert "activeDeadlineSeconds=60 passed since the first attempt started (2026-11-25T10:00:00Z)" in status["message"]
+    eventually(lambda: api.rayjobs(namespace) == [], what="the RayJob deleted")

@@ -129,3 +129,28 @@ def patch_rayjob_suspend(namespace: str, name: str, suspend: bool) -> None:
         kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object(
             "ray.io", "v1", namespace, "rayjobs", name, {"spec": {"suspend": suspend}}
         )
+
+
+def get_rayjob(namespace: str, name: str) -> dict[str, Any] | None:
+    """The RayJob, or None when it does not exist."""
+    try:
+        with api_errors(f"read RayJob {namespace}/{name}"):
+            return kubernetes.client.CustomObjectsApi().get_namespaced_custom_object(
+                "ray.io", "v1", namespace, "rayjobs", name
+            )
+    except kopf.PermanentError as err:
+        if isinstance(err.__cause__, ApiException) and err.__cause__.status == 404:
+            return None
+        raise
+
+
+def delete_rayjob(namespace: str, name: str) -> None:
+    """Delete a RayJob and, through garbage collection, its RayCluster and pods (gone already is fine)."""
+    try:
+        with api_errors(f"delete RayJob {namespace}/{name}"):
+            kubernetes.client.CustomObjectsApi().delete_namespaced_custom_object(
+                "ray.io", "v1", namespace, "rayjobs", name, propagation_policy="Background"
+            )
+    except kopf.PermanentError as err:
+        if not isinstance(err.__cause__, ApiException) or err.__cause__.status != 404:
+            raise

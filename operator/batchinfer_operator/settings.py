@@ -16,6 +16,7 @@ class OperatorSettings:
     image_pull_policy: str = "IfNotPresent"
     metrics_port: int = 0  # 0: no /metrics server (tests); the chart sets 8081
     metrics_address: str = "0.0.0.0"
+    resync_seconds: float = 60.0  # how often unfinished BatchInferences are reconciled from their RayJob
 
     @classmethod
     def from_env(cls) -> OperatorSettings:
@@ -25,4 +26,5 @@ class OperatorSettings:
             image_pull_policy=os.environ.get("BATCHINFER_IMAGE_PULL_POLICY", "IfNotPresent"),
             metrics_port=int(os.environ.get("BATCHINFER_METRICS_PORT", "0")),
             metrics_address=os.environ.get("BATCHINFER_METRICS_ADDRESS", "0.0.0.0"),
+            resync_seconds=float(os.environ.get("BATCHINFER_RESYNC_SECONDS", "60")),
         )

@@ -18,6 +18,7 @@ from batchinfer_operator.status import is_terminal
 
 GVR = (s.API_GROUP, s.API_VERSION, s.PLURAL)
 SETTINGS = OperatorSettings.from_env()
+HANDLER_RETRIES = 10
 
 
 def now() -> str:
@@ -67,18 +68,22 @@ def merge_condition(existing: list[dict[str, Any]] | None, new: dict[str, Any]) 
     return out if replaced else [*out, new]
 
 
-def fail_invalid_spec(body: kopf.Body, status: dict[str, Any], patch: kopf.Patch, problems: list[str]) -> None:
-    message = "; ".join(problems)
+def fail_permanently(body: kopf.Body, status: dict[str, Any], patch: kopf.Patch, reason: str, message: str) -> None:
+    """End the BatchInference as Failed with `reason` and `message` (status, condition, Event); kopf stops."""
     generation = body.metadata.get("generation")
     patch.status["phase"] = "Failed"
-    patch.status["reason"] = "SpecInvalid"
+    patch.status["reason"] = reason
     patch.status["message"] = message
     patch.status["observedGeneration"] = generation
     patch.status["conditions"] = merge_condition(
-        conditions_of(status), condition("Failed", True, "SpecInvalid", message, generation)
+        conditions_of(status), condition("Failed", True, reason, message, generation)
     )
-    kopf.warn(body, reason="SpecInvalid", message=message)
-    raise kopf.PermanentError(f"invalid spec: {message}")
+    kopf.warn(body, reason=reason, message=message)
+    raise kopf.PermanentError(f"{reason}: {message}")
+
+
+def fail_invalid_spec(body: kopf.Body, status: dict[str, Any], patch: kopf.Patch, problems: list[str]) -> None:
+    fail_permanently(body, status, patch, "SpecInvalid", "; ".join(problems))
 
 
 def record_condition(namespace: str, name: str, new: dict[str, Any], only_if_present: bool = False) -> None:
@@ -93,8 +98,8 @@ def record_condition(namespace: str, name: str, new: dict[str, Any], only_if_pre
     kube.update_batchinference_status(namespace, name, merged)
 
 
-@kopf.on.resume(*GVR, retries=10, backoff=5)
-@kopf.on.create(*GVR, retries=10, backoff=5)
+@kopf.on.resume(*GVR, retries=HANDLER_RETRIES, backoff=5)
+@kopf.on.create(*GVR, retries=HANDLER_RETRIES, backoff=5)
 def create_children(
     body: kopf.Body,
     status: kopf.Status,
@@ -102,6 +107,7 @@ def create_children(
     namespace: str,
     uid: str,
     patch: kopf.Patch,
+    retry: int,
     **_: Any,
 ) -> None:
     """Create the ConfigMap, RBAC and RayJob; on resume/409 adopt what exists. Terminal runs are left alone."""
@@ -117,10 +123,20 @@ def create_children(
     children = render_children(parsed, Owner(name=name, namespace=namespace), SETTINGS)
     kopf.append_owner_reference(children, owner=body)
     created = []
-    for child in children:
-        if kube.create_or_adopt(child, owner_uid=uid) == "created":
-            metrics.CHILDREN_CREATED.labels(child["kind"]).inc()
-            created.append(f"{child['kind']}/{child['metadata']['name']}")
+    try:
+        for child in children:
+            if kube.create_or_adopt(child, owner_uid=uid) == "created":
+                metrics.CHILDREN_CREATED.labels(child["kind"]).inc()
+                created.append(f"{child['kind']}/{child['metadata']['name']}")
+    except kopf.PermanentError as err:  # refused (403, 422) or a child someone else owns: no retry will help
+        metrics.ERRORS.labels("create").inc()
+        fail_permanently(body, dict(status), patch, "ChildCreationFailed", str(err))
+    except kopf.TemporaryError as err:
+        metrics.ERRORS.labels("create").inc()
+        if retry + 1 >= HANDLER_RETRIES:
+            message = f"gave up after {HANDLER_RETRIES} attempts: {err}"
+            fail_permanently(body, dict(status), patch, "RetriesExhausted", message)
+        raise
     rayjob = naming.rayjob_name(name)
     if created:
         kopf.info(body, reason="Created", message=f"created {', '.join(created)}")
@@ -133,7 +149,7 @@ def create_children(
         patch.status["phase"] = "Suspended" if parsed.suspend else "Pending"
 
 
-@kopf.on.update(*GVR, field="spec", retries=10, backoff=5)
+@kopf.on.update(*GVR, field="spec", retries=HANDLER_RETRIES, backoff=5)
 def spec_changed(
     body: kopf.Body, old: Any, new: Any, status: kopf.Status, name: str, namespace: str, patch: kopf.Patch, **_: Any
 ) -> None:

@@ -1,7 +1,10 @@
-"""Owned RayJobs: mirror their status into the owning BatchInference."""
+"""Owned RayJobs: mirror their status into the owning BatchInference, on every RayJob event and again on a
+timer (kopf never retries event handlers, so a status write lost with the last event would stick), and end a
+BatchInference whose deadline, counted across all attempts, has passed."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -9,11 +12,12 @@ from kubernetes.client.rest import ApiException
 
 from batchinfer_job import spec as s
 from batchinfer_operator import kube, metrics
-from batchinfer_operator.handlers.batchinference import conditions_of, now
+from batchinfer_operator.handlers.batchinference import GVR, SETTINGS, conditions_of, now
 from batchinfer_operator.render import MANAGED_BY
-from batchinfer_operator.status import status_from_rayjob
+from batchinfer_operator.status import conditions_for, is_terminal, status_from_rayjob
 
-EVENTFUL_PHASES = ("Running", "Succeeded", "Failed", "Suspended")
+EVENTFUL_PHASES = ("Running", "Retrying", "Succeeded", "Failed", "Suspended")
+DEADLINE_REASON = "DeadlineExceeded"
 _COMPARED = ("phase", "rayClusterName", "dashboardURL", "startTime", "completionTime", "reason", "message")
 
 
@@ -32,23 +36,31 @@ def mirror_rayjob(body: kopf.Body, type: str | None, namespace: str, logger: Any
     if owner is None:
         return
     metrics.RECONCILES.labels("rayjob").inc()
-
-    def mirrored(bi: dict[str, Any]) -> dict[str, Any] | None:
-        current = bi.get("status") if isinstance(bi.get("status"), dict) else {}
-        current = {**current, "conditions": conditions_of(current)}
-        update = status_from_rayjob(dict(body), current, now(), bi["metadata"].get("generation"))
-        if current.get("phase") in ("Succeeded", "Failed") and update["phase"] != current.get("phase"):
-            return None  # a finished BatchInference never goes back
-        unchanged = all(update.get(k) == current.get(k) for k in _COMPARED)
-        return None if unchanged and update["conditions"] == current.get("conditions") else update
-
     try:
-        written = kube.update_batchinference_status(namespace, owner, mirrored)
+        sync_from_rayjob(dict(body), namespace, owner, logger)
     except kopf.PermanentError as err:
         if isinstance(err.__cause__, ApiException) and err.__cause__.status == 404:
             return  # owner gone; garbage collection removes this RayJob
         metrics.ERRORS.labels("rayjob").inc()
         raise
+    except kopf.TemporaryError:
+        metrics.ERRORS.labels("rayjob").inc()  # the resync timer writes it later
+        raise
+
+
+def sync_from_rayjob(rayjob: dict[str, Any], namespace: str, owner: str, logger: Any) -> None:
+    """Write the BatchInference status that the RayJob's status implies (nothing when it already says so)."""
+
+    def mirrored(bi: dict[str, Any]) -> dict[str, Any] | None:
+        current = bi.get("status") if isinstance(bi.get("status"), dict) else {}
+        current = {**current, "conditions": conditions_of(current)}
+        update = status_from_rayjob(rayjob, current, now(), bi["metadata"].get("generation"))
+        if current.get("phase") in ("Succeeded", "Failed") and update["phase"] != current.get("phase"):
+            return None  # a finished BatchInference never goes back
+        unchanged = all(update.get(k) == current.get(k) for k in _COMPARED)
+        return None if unchanged and update["conditions"] == current.get("conditions") else update
+
+    written = kube.update_batchinference_status(namespace, owner, mirrored)
     if written is None:
         return
     bi, update = written
@@ -57,5 +69,58 @@ def mirror_rayjob(body: kopf.Body, type: str | None, namespace: str, logger: Any
         logger.info(f"phase {previous} -> {update['phase']}")
         if update["phase"] in EVENTFUL_PHASES:
             post = kopf.warn if update["phase"] == "Failed" else kopf.info
-            detail = update.get("message") or f"RayJob {body.metadata['name']} is {update['phase']}"
+            detail = update.get("message") or f"RayJob {rayjob['metadata']['name']} is {update['phase']}"
             post(bi, reason=update["phase"], message=detail)
+
+
+@kopf.timer(*GVR, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
+def resync(body: kopf.Body, status: kopf.Status, name: str, namespace: str, logger: Any, **_: Any) -> None:
+    """Reconcile an unfinished BatchInference from its RayJob; end it once its deadline has passed."""
+    if is_terminal(status.get("phase")) or not status.get("rayJobName"):
+        return
+    metrics.RECONCILES.labels("resync").inc()
+    try:
+        deadline = (body.get("spec") or {}).get("activeDeadlineSeconds")
+        if isinstance(deadline, int) and seconds_since(status.get("startTime")) > deadline:
+            end_after_deadline(body, namespace, name, status["rayJobName"], deadline)
+            return
+        rayjob = kube.get_rayjob(namespace, status["rayJobName"])
+        if rayjob is not None:
+            sync_from_rayjob(rayjob, namespace, name, logger)
+    except (kopf.PermanentError, kopf.TemporaryError):
+        metrics.ERRORS.labels("resync").inc()
+        raise
+
+
+def seconds_since(timestamp: Any) -> float:
+    """Seconds since an RFC 3339 time; 0 when there is none."""
+    if not isinstance(timestamp, str):
+        return 0.0
+    return (datetime.now(UTC) - datetime.fromisoformat(timestamp.replace("Z", "+00:00"))).total_seconds()
+
+
+def end_after_deadline(body: kopf.Body, namespace: str, name: str, rayjob: str, deadline: int) -> None:
+    """activeDeadlineSeconds counts from the first attempt's start (KubeRay resets it on every retry): mark
+    the BatchInference Failed, then delete its RayJob, which takes the RayCluster and its pods with it."""
+    message = (
+        f"activeDeadlineSeconds={deadline} passed since the first attempt started "
+        f"({body.get('status', {}).get('startTime')}); the RayJob {rayjob} was stopped"
+    )
+
+    def failed(bi: dict[str, Any]) -> dict[str, Any] | None:
+        current = bi.get("status") if isinstance(bi.get("status"), dict) else {}
+        if is_terminal(current.get("phase")):
+            return None
+        generation = bi["metadata"].get("generation")
+        conditions = conditions_for("Failed", DEADLINE_REASON, message, conditions_of(current), now(), generation)
+        return {
+            "phase": "Failed",
+            "reason": DEADLINE_REASON,
+            "message": message,
+            "completionTime": now(),
+            "conditions": conditions,
+        }
+
+    if kube.update_batchinference_status(namespace, name, failed) is not None:
+        kopf.warn(body, reason="Failed", message=message)
+    kube.delete_rayjob(namespace, rayjob)
