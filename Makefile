@@ -60,9 +60,10 @@ k8s-up: $(STAMP) $(HELM) k8s-binaries ## Start a real control plane on 127.0.0.1
 k8s-down: ## Stop what `make k8s-up` started
 	test ! -x $(BIN)/python || $(BIN)/python -m tests.controlplane down $(K8S_DIR)
 
-lint: $(STAMP) ## ruff check + format check
+lint: $(STAMP) ## ruff check + format check + mypy (operator/ and job_image/)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(STAMP) ## Apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .

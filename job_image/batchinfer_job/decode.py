@@ -63,11 +63,11 @@ def resize_and_crop(img: Image.Image, preprocess: Preprocess) -> Image.Image:
     if (new_w, new_h) == (w, h):
         window = img.crop((left, top, left + keep_w, top + keep_h))
     elif new_w * new_h <= MAX_RESIZED_FACTOR * preprocess.crop * preprocess.crop:
-        window = img.resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + keep_w, top + keep_h))
+        window = img.resize((new_w, new_h), Image.Resampling.BILINEAR).crop((left, top, left + keep_w, top + keep_h))
     else:
         sx, sy = w / new_w, h / new_h
         box = (left * sx, top * sy, (left + keep_w) * sx, (top + keep_h) * sy)
-        window = img.resize((keep_w, keep_h), Image.BILINEAR, box=box)
+        window = img.resize((keep_w, keep_h), Image.Resampling.BILINEAR, box=box)
     if (keep_w, keep_h) == (preprocess.crop, preprocess.crop):
         return window
     padded = Image.new(img.mode, (preprocess.crop, preprocess.crop))

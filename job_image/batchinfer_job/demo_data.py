@@ -39,7 +39,7 @@ def _variant(img: Image.Image, rng: random.Random) -> Image.Image:
     if rng.random() < 0.5:
         out = ImageOps.mirror(out)
     scale = rng.uniform(0.7, 1.6)
-    return out.resize((max(32, int(cw * scale)), max(32, int(ch * scale))), Image.BILINEAR)
+    return out.resize((max(32, int(cw * scale)), max(32, int(ch * scale))), Image.Resampling.BILINEAR)
 
 
 def write_demo_images(

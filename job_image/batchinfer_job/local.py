@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import tempfile
@@ -60,7 +61,7 @@ def start_local_ray(num_cpus: int | None = None) -> None:
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
             configure_logging=True,
-            logging_level="WARNING",
+            logging_level=logging.WARNING,
             log_to_driver=True,
         )
 

@@ -45,7 +45,7 @@ def dead_letters(table: pa.Table) -> pa.Table:
     rows = [
         (k, *split_error(e)) for k, e in zip(table["key"].to_pylist(), table["error"].to_pylist(), strict=True) if e
     ]
-    columns = list(zip(*rows, strict=True)) if rows else [[], [], [], []]
+    columns: list[tuple[object, ...]] = list(zip(*rows, strict=True)) if rows else [(), (), (), ()]
     return pa.Table.from_arrays(
         [pa.array(c, type=f.type) for c, f in zip(columns, DEAD_LETTER_SCHEMA, strict=True)], schema=DEAD_LETTER_SCHEMA
     )

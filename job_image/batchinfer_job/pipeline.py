@@ -92,8 +92,10 @@ def build_dataset(spec: BatchInferenceSpec, source: inputs.InputSource) -> ray.d
 def _build_dataset(spec: BatchInferenceSpec, source: inputs.InputSource) -> ray.data.Dataset:
     compute = spec.compute
     batch_size = default_batch_size(spec)
+    if source.dataset is None:
+        raise ValueError("build_dataset needs inputs left to process")
     decoded = source.dataset.map_batches(
-        decode_batch,
+        decode_batch,  # type: ignore[arg-type]  # Ray's UDF type wants positional-only batches
         fn_kwargs={
             "preprocess": preprocess_for(spec.model),
             "max_bytes": spec.input.maxImageBytes,

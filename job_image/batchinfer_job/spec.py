@@ -10,7 +10,7 @@ import posixpath
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from batchinfer_job import torchvision_catalog
 
@@ -107,7 +107,7 @@ class TorchvisionModel(_Model):
         description="torchvision model builder name, e.g. resnet152, efficientnet_b0, vit_b_16.",
         min_length=1,
         max_length=64,
-        json_schema_extra={"enum": sorted(torchvision_catalog.catalog())},
+        json_schema_extra={"enum": list[JsonValue](sorted(torchvision_catalog.catalog()))},
     )
     weights: str = Field(
         default="DEFAULT",
@@ -117,7 +117,7 @@ class TorchvisionModel(_Model):
             "model.weightsUri instead."
         ),
         max_length=64,
-        json_schema_extra={"enum": torchvision_catalog.all_weights()},
+        json_schema_extra={"enum": list[JsonValue](torchvision_catalog.all_weights())},
     )
 
     @model_validator(mode="after")

@@ -25,7 +25,7 @@ def peering_priority(pod_name: str) -> int:
     return 1 + int(hashlib.sha256(pod_name.encode()).hexdigest()[:12], 16) % (10**6 - 1)
 
 
-@kopf.on.startup()
+@kopf.on.startup()  # type: ignore[arg-type]  # kopf's protocol lists every keyword; this takes **_
 def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
     # Our own annotation prefix: kopf's progress and diff-base never land in status (the CRD would prune).
     settings.persistence.finalizer = f"{PREFIX}/finalizer"

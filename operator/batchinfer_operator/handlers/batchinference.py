@@ -46,6 +46,12 @@ def conditions_of(status: Any) -> list[dict[str, Any]]:
     )
 
 
+def status_of(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of an object's status, or {} when it has none (or junk)."""
+    raw = obj.get("status")
+    return dict(raw) if isinstance(raw, Mapping) else {}
+
+
 def parse_stored_spec(body: kopf.Body) -> s.BatchInferenceSpec:
     """The spec of a stored object, whatever shape it arrived in; SpecError names what is wrong."""
     raw = body.get("spec")
@@ -98,8 +104,9 @@ def record_condition(namespace: str, name: str, new: dict[str, Any], only_if_pre
     kube.update_batchinference_status(namespace, name, merged)
 
 
+# kopf's callback protocols list every keyword it passes; handlers name the ones they use and take **_.
 @kopf.on.resume(*GVR, retries=HANDLER_RETRIES, backoff=5)
-@kopf.on.create(*GVR, retries=HANDLER_RETRIES, backoff=5)
+@kopf.on.create(*GVR, retries=HANDLER_RETRIES, backoff=5)  # type: ignore[arg-type]
 def create_children(
     body: kopf.Body,
     status: kopf.Status,
@@ -149,7 +156,7 @@ def create_children(
         patch.status["phase"] = "Suspended" if parsed.suspend else "Pending"
 
 
-@kopf.on.update(*GVR, field="spec", retries=HANDLER_RETRIES, backoff=5)
+@kopf.on.update(*GVR, field="spec", retries=HANDLER_RETRIES, backoff=5)  # type: ignore[arg-type]
 def spec_changed(
     body: kopf.Body, old: Any, new: Any, status: kopf.Status, name: str, namespace: str, patch: kopf.Patch, **_: Any
 ) -> None:
@@ -167,7 +174,7 @@ def spec_changed(
         return
     accepted = status.get("acceptedSpecHash")
     if accepted and spec_hash(parsed) != accepted:
-        fields = ", ".join(changed_fields(old, new)) or "spec"
+        fields = ", ".join(changed_fields(dict(old) if isinstance(old, Mapping) else None, dict(new))) or "spec"
         message = (
             f"{fields} cannot change after creation (only spec.suspend can); the running job keeps its "
             "original spec. Revert the change, or create a new BatchInference."
@@ -195,7 +202,7 @@ def spec_changed(
     patch.status["observedGeneration"] = generation
 
 
-@kopf.on.event(*GVR)
+@kopf.on.event(*GVR)  # type: ignore[arg-type]
 def track_phase(type: str | None, name: str, namespace: str, status: kopf.Status, **_: Any) -> None:
     """Keep the phase gauge of /metrics current."""
     if type == "DELETED":

@@ -5,14 +5,14 @@ BatchInference whose deadline, counted across all attempts, has passed."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from kubernetes.client.rest import ApiException
 
 from batchinfer_job import spec as s
 from batchinfer_operator import kube, metrics
-from batchinfer_operator.handlers.batchinference import GVR, SETTINGS, conditions_of, now
+from batchinfer_operator.handlers.batchinference import GVR, SETTINGS, conditions_of, now, status_of
 from batchinfer_operator.render import MANAGED_BY
 from batchinfer_operator.status import conditions_for, is_terminal, status_from_rayjob
 
@@ -28,7 +28,8 @@ def owner_name(body: kopf.Body) -> str | None:
     return None
 
 
-@kopf.on.event("ray.io", "v1", "rayjobs", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
+# kopf's callback protocols list every keyword it passes; handlers name the ones they use and take **_.
+@kopf.on.event("ray.io", "v1", "rayjobs", labels={"app.kubernetes.io/managed-by": MANAGED_BY})  # type: ignore[arg-type]
 def mirror_rayjob(body: kopf.Body, type: str | None, namespace: str, logger: Any, **_: Any) -> None:
     if type == "DELETED":
         return  # TTL cleanup after the end; the BatchInference keeps its final status
@@ -52,8 +53,8 @@ def sync_from_rayjob(rayjob: dict[str, Any], namespace: str, owner: str, logger:
     """Write the BatchInference status that the RayJob's status implies (nothing when it already says so)."""
 
     def mirrored(bi: dict[str, Any]) -> dict[str, Any] | None:
-        current = bi.get("status") if isinstance(bi.get("status"), dict) else {}
-        current = {**current, "conditions": conditions_of(current)}
+        current = status_of(bi)
+        current["conditions"] = conditions_of(current)
         update = status_from_rayjob(rayjob, current, now(), bi["metadata"].get("generation"))
         if current.get("phase") in ("Succeeded", "Failed") and update["phase"] != current.get("phase"):
             return None  # a finished BatchInference never goes back
@@ -70,10 +71,10 @@ def sync_from_rayjob(rayjob: dict[str, Any], namespace: str, owner: str, logger:
         if update["phase"] in EVENTFUL_PHASES:
             post = kopf.warn if update["phase"] == "Failed" else kopf.info
             detail = update.get("message") or f"RayJob {rayjob['metadata']['name']} is {update['phase']}"
-            post(bi, reason=update["phase"], message=detail)
+            post(cast(kopf.Body, bi), reason=update["phase"], message=detail)  # kopf takes plain dicts too
 
 
-@kopf.timer(*GVR, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
+@kopf.timer(*GVR, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)  # type: ignore[arg-type]
 def resync(body: kopf.Body, status: kopf.Status, name: str, namespace: str, logger: Any, **_: Any) -> None:
     """Reconcile an unfinished BatchInference from its RayJob; end it once its deadline has passed."""
     if is_terminal(status.get("phase")) or not status.get("rayJobName"):
@@ -104,11 +105,11 @@ def end_after_deadline(body: kopf.Body, namespace: str, name: str, rayjob: str, 
     the BatchInference Failed, then delete its RayJob, which takes the RayCluster and its pods with it."""
     message = (
         f"activeDeadlineSeconds={deadline} passed since the first attempt started "
-        f"({body.get('status', {}).get('startTime')}); the RayJob {rayjob} was stopped"
+        f"({status_of(body).get('startTime')}); the RayJob {rayjob} was stopped"
     )
 
     def failed(bi: dict[str, Any]) -> dict[str, Any] | None:
-        current = bi.get("status") if isinstance(bi.get("status"), dict) else {}
+        current = status_of(bi)
         if is_terminal(current.get("phase")):
             return None
         generation = bi["metadata"].get("generation")
