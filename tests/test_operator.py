@@ -241,6 +241,9 @@ def test_a_refused_change_stays_refused_after_an_operator_restart(operator, api:
 
 
 def test_a_child_someone_else_owns_fails_the_batchinference_with_the_cause(operator, api: Api, namespace: str) -> None:
+    from batchinfer_operator import metrics
+
+    errors_before = metrics.ERRORS.labels("create")._value.get()
     api.core.create_namespaced_config_map(namespace, {"metadata": {"name": "quickstart-job"}, "data": {"x": "y"}})
     api.create_bi(namespace, NAME, quickstart_spec())
     status = eventually(
@@ -253,6 +256,7 @@ def test_a_child_someone_else_owns_fails_the_batchinference_with_the_cause(opera
     assert status["reason"] == "ChildCreationFailed"
     assert "ConfigMap" in status["message"] and "not owned by this BatchInference" in status["message"]
     assert api.rayjobs(namespace) == []
+    assert metrics.ERRORS.labels("create")._value.get() > errors_before  # the failing handler is counted
 
 
 def test_a_status_write_lost_with_the_last_rayjob_event_is_repaired(operator, k8s, api: Api, namespace: str) -> None:

@@ -139,3 +139,18 @@ def test_runner_account_names_survive_kuberays_checkname(length: int) -> None:
     name = ("9" + "x" * 62)[:length]
     account = naming.runner_account_name(name)
     assert len(account) <= 50 and account[0].isalpha()
+
+
+def test_the_ray_cluster_is_deleted_a_minute_after_the_job_not_an_hour() -> None:
+    spec = BatchInferenceSpec.model_validate(
+        {"model": {"packaged": "efficientnet_lite0"}, "input": {"uri": "s3://b/in"}, "output": {"uri": "s3://b/out"}}
+    )
+    rayjob = render_rayjob(spec, Owner(name="ok", namespace="ns"), SETTINGS)
+    assert rayjob["spec"]["shutdownAfterJobFinishes"] is True
+    assert rayjob["spec"]["ttlSecondsAfterFinished"] == 60  # GPUs idle at most a minute after the last row
+
+
+def test_ci_lints_and_type_checks() -> None:
+    assert "make lint" in Path(".ci/run").read_text()
+    lint = Path("Makefile").read_text().split("\nlint:", 1)[1].split("\n\n", 1)[0]
+    assert "ruff check" in lint and "ruff format --check" in lint and "mypy" in lint
