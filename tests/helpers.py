@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from batchinfer_job.spec import BatchInferenceSpec
@@ -22,3 +24,18 @@ def make_spec(input_uri: str, output_uri: str, **overrides: Any) -> BatchInferen
 
 def document(spec: dict[str, Any], name: str = "sample") -> dict[str, Any]:
     return {"apiVersion": "batchinfer.dev/v1alpha1", "kind": "BatchInference", "metadata": {"name": name}, "spec": spec}
+
+
+def eventually(check: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll until `check()` returns something truthy (or stops raising AssertionError)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except AssertionError as err:
+            last = err
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")

@@ -3,9 +3,8 @@ and a stand-in for the KubeRay controller that moves RayJob status."""
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,21 +111,6 @@ def operator(k8s: EmulatorThread) -> Iterator[OperatorControl]:
 def stop_operator(runner: KopfRunner) -> None:
     runner.__exit__(None, None, None)
     assert runner.exit_code == 0, runner.output
-
-
-def eventually(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    """Poll until `check()` returns something truthy (or stops raising AssertionError)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except AssertionError as err:
-            last = err
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 class Api:

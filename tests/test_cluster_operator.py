@@ -17,7 +17,8 @@ from batchinfer_job.documents import parse_document
 from batchinfer_operator import naming
 from batchinfer_operator.render import Owner, service_account_name
 from batchinfer_operator.settings import DEFAULT_JOB_IMAGE
-from tests.controlplane.fixtures import Cluster, OperatorProcess, eventually, impersonating
+from tests.controlplane.fixtures import Cluster, OperatorProcess, impersonating
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.usefixtures("real_operator")
 

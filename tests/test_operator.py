@@ -12,10 +12,10 @@ import pytest
 
 from batchinfer_job.progress import ProgressReport
 from batchinfer_job.status_reporter import StatusReporter
+from tests.helpers import eventually
 from tests.operator_env import (
     Api,
     FakeKubeRay,
-    eventually,
     quickstart_spec,
     read_configmap_spec,
 )

@@ -14,7 +14,8 @@ from urllib3.exceptions import ProtocolError
 
 from batchinfer_operator import kube
 from batchinfer_operator.handlers.batchinference import condition, conditions_of, merge_condition, record_condition
-from tests.operator_env import Api, eventually, quickstart_spec
+from tests.helpers import eventually
+from tests.operator_env import Api, quickstart_spec
 
 
 def variant(path: str, value: Any) -> dict:

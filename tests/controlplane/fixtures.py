@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +22,10 @@ from kubernetes.client.rest import ApiException
 
 from batchinfer_job import spec as s
 from tests.controlplane.cluster import REPO, ControlPlane, start, stop, write_kubeconfig
+from tests.helpers import eventually
 
 OPERATOR_NAMESPACE = "batchinfer-system"
 OPERATOR_RBAC = REPO / "manifests" / "rbac" / "operator-rbac.yaml"
-
-
-def eventually(check: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    """Poll until `check()` returns something truthy (or stops raising AssertionError)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except AssertionError as err:
-            last = err
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 class Cluster:

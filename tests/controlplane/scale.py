@@ -20,7 +20,8 @@ from kubernetes import client, config, watch
 
 from batchinfer_job import spec as s
 from tests.controlplane.cluster import REPO, start, stop
-from tests.controlplane.fixtures import Cluster, OperatorProcess, eventually, operator_credentials
+from tests.controlplane.fixtures import Cluster, OperatorProcess, operator_credentials
+from tests.helpers import eventually
 
 NAMESPACE = "scale"
 
