@@ -1,9 +1,4 @@
-"""Render the Helm chart with the real `helm` binary the Makefile fetches.
-
-The chart declares the optional `kuberay-operator` 1.7.0 dependency. Helm refuses to render a chart whose
-declared dependency is not in charts/, and the KubeRay chart repository cannot be reached from this
-project's machines, so rendering happens on a copy with only that `dependencies` block removed (the
-dependency is off by default; `test_chart.py` checks the declaration itself).
+"""Render the Helm chart, as shipped, with the real `helm` binary the Makefile fetches.
 
 `python -m tests.chart_render rbac` prints manifests/rbac/operator-rbac.yaml (make manifests).
 """
@@ -13,10 +8,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-
-import yaml
 
 CHART = Path(__file__).resolve().parents[1] / "charts" / "batchinfer"
 RBAC_HEADER = (
@@ -30,16 +22,6 @@ def helm() -> str:
     if found is None:
         raise RuntimeError("helm not on PATH; run `make helm` (tests get it through `make test`)")
     return found
-
-
-def chart_copy(into: Path) -> Path:
-    target = into / "batchinfer"
-    shutil.copytree(CHART, target)
-    chart_yaml = target / "Chart.yaml"
-    meta = yaml.safe_load(chart_yaml.read_text())
-    meta.pop("dependencies", None)
-    chart_yaml.write_text(yaml.safe_dump(meta, sort_keys=False))
-    return target
 
 
 def run_helm(*args: str, chart: Path) -> subprocess.CompletedProcess[str]:
@@ -59,11 +41,7 @@ def template(*args: str, chart: Path, release: str = "batchinfer", namespace: st
 
 
 def rbac_manifest() -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        chart = chart_copy(Path(tmp))
-        body = template(
-            "--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/rbac.yaml", chart=chart
-        )
+    body = template("--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/rbac.yaml", chart=CHART)
     return RBAC_HEADER + body
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -12,15 +13,16 @@ import pytest
 import yaml
 
 from batchinfer_operator.crd import crd_yaml
-from tests.chart_render import CHART, chart_copy, rbac_manifest, run_helm, template
+from tests.chart_render import CHART, helm, rbac_manifest, run_helm, template
 
 K8S_VERSION = "1.33.0"
 VALUES = [None, *sorted((CHART / "ci").glob("*.yaml"))]
 
 
 @pytest.fixture(scope="module")
-def chart(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return chart_copy(tmp_path_factory.mktemp("chart"))
+def chart() -> Path:
+    """The chart as shipped: never a copy with something removed."""
+    return CHART
 
 
 def render(chart: Path, values: Path | None) -> list[dict]:
@@ -93,12 +95,29 @@ def test_rbac_manifests_for_users_without_helm_match_the_chart() -> None:
     assert Path("manifests/rbac/operator-rbac.yaml").read_text() == rbac_manifest(), "run `make manifests`"
 
 
-def test_kuberay_dependency_is_declared_optional_and_pinned() -> None:
-    meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    (dep,) = meta["dependencies"]
-    assert (dep["name"], dep["version"], dep["condition"]) == ("kuberay-operator", "1.7.0", "kuberay-operator.enabled")
-    assert dep["repository"] == "https://ray-project.github.io/kuberay-helm/"
-    assert yaml.safe_load((CHART / "values.yaml").read_text())["kuberay-operator"]["enabled"] is False
+def test_the_readme_commands_lint_template_and_install_the_chart_as_shipped(tmp_path: Path) -> None:
+    """`helm lint`, `helm template … --include-crds` and the README's `helm install` (a client dry run, which
+    needs no cluster) on charts/batchinfer itself, from a checkout: no dependency to build first."""
+    assert "dependencies" not in yaml.safe_load((CHART / "Chart.yaml").read_text())
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "none")}
+    commands = [
+        ["lint", "charts/batchinfer"],
+        ["template", "bi", "charts/batchinfer", "--include-crds"],
+        [
+            "install",
+            "batchinfer",
+            "charts/batchinfer",
+            "--namespace",
+            "batchinfer-system",
+            "--create-namespace",
+            "--dry-run=client",
+        ],
+    ]
+    for args in commands:
+        result = subprocess.run([helm(), *args], capture_output=True, text=True, env=env, check=False)
+        assert result.returncode == 0, f"helm {' '.join(args)}:\n{result.stdout}{result.stderr}"
+    readme = Path("README.md").read_text()
+    assert "helm install batchinfer charts/batchinfer --namespace batchinfer-system --create-namespace" in readme
 
 
 def test_image_tags_default_to_app_version(chart: Path) -> None:

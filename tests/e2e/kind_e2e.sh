@@ -43,7 +43,6 @@ docker build -f "$ROOT/job_image/Dockerfile" -t "batchinfer-job:$TAG" "$ROOT"
 kind load docker-image --name "$CLUSTER" "batchinfer-operator:$TAG" "batchinfer-job:$TAG"
 
 say "batchinfer chart"
-"$HELM" dependency build "$ROOT/charts/batchinfer"
 "$HELM" install batchinfer "$ROOT/charts/batchinfer" --namespace batchinfer-system --create-namespace \
   --set image.repository=batchinfer-operator --set image.tag="$TAG" --set image.pullPolicy=Never \
   --set jobImage.repository=batchinfer-job --set jobImage.tag="$TAG" --set jobImage.pullPolicy=Never \
