@@ -18,7 +18,7 @@ from batchinfer_operator.status import conditions_for, is_terminal, status_from_
 
 EVENTFUL_PHASES = ("Running", "Retrying", "Succeeded", "Failed", "Suspended")
 DEADLINE_REASON = "DeadlineExceeded"
-_COMPARED = ("phase", "rayClusterName", "dashboardURL", "startTime", "completionTime", "reason", "message")
+_COMPARED = ("phase", "rayClusterName", "dashboardURL", "startTime", "completionTime", "reason", "message", "attempt")
 
 
 def owner_name(body: kopf.Body) -> str | None:
@@ -58,7 +58,7 @@ def sync_from_rayjob(rayjob: dict[str, Any], namespace: str, owner: str, logger:
         update = status_from_rayjob(rayjob, current, now(), bi["metadata"].get("generation"))
         if current.get("phase") in ("Succeeded", "Failed") and update["phase"] != current.get("phase"):
             return None  # a finished BatchInference never goes back
-        unchanged = all(update.get(k) == current.get(k) for k in _COMPARED)
+        unchanged = all(update[k] == current.get(k) for k in _COMPARED if k in update)  # absent: left as is
         return None if unchanged and update["conditions"] == current.get("conditions") else update
 
     written = kube.update_batchinference_status(namespace, owner, mirrored)
