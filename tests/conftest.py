@@ -18,7 +18,7 @@ from tests.operator_env import k8s, namespace, operator  # noqa: F401  (operator
 for _key, _value in LOCAL_RAY_ENV.items():
     os.environ.setdefault(_key, _value)
 # The operator's resync timer (read when its handlers are imported): seconds here, a minute by default.
-os.environ.setdefault("BATCHINFER_RESYNC_SECONDS", "2")
+os.environ.setdefault("BATCHINFER_RESYNC_SECONDS", "4")
 logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # one line per emulator request is noise
 
 LOOPBACK = "127.0.0.1"

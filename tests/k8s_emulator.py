@@ -7,7 +7,8 @@ Added here:
 - 422 Invalid for objects that fail their CRD's openAPIV3Schema (ours; KubeRay's vendored ones), and for
   ownerReferences without a uid; unknown fields pruned as a structural schema prunes them;
 - the status subresource: a patch to the object ignores `status`, a patch to `/status` changes only it;
-- optimistic concurrency: a write naming a stale metadata.resourceVersion is refused with 409 Conflict;
+- optimistic concurrency: a write naming a stale metadata.resourceVersion is refused with 409 Conflict, and a
+  JSON patch whose `test` fails with 422 (kopf's own precondition), as the API server answers;
 - one-shot injected faults (429/500/503) and objects stored without admission (as if stored before a schema
   tightened), which a real API server cannot produce on demand.
 Garbage collection, RBAC, CEL and KubeRay itself are tested on the real control plane (tests/controlplane).
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+import jsonpatch
 import jsonschema
 import kmock
 from kmock._internal import enums, rendering
@@ -208,7 +210,10 @@ class StrictEmulator(kmock.KubernetesEmulator):
             self._inject_fault(request)
         if request.resource is not None and request.action in (enums.action.CREATE, enums.action.UPDATE):
             request = self._admit(request)
-        response = await super()._handle(request)
+        try:
+            response = await super()._handle(request)
+        except jsonpatch.JsonPatchTestFailed as err:  # kopf's own precondition: 422, as the API server answers
+            raise KubernetesInvalidError(message=f"the JSON patch test failed: {err}") from err
         if request.action == enums.action.CREATE and response.status == 200 and not response.prepared:
             response.set_status(201)  # as the API server answers a create
         return response

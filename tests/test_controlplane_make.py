@@ -36,4 +36,5 @@ def test_make_k8s_up_serves_our_crd_and_k8s_down_stops_every_process(tmp_path: P
         down = make("k8s-down", folder)
     assert down.returncode == 0, down.stdout + down.stderr
     assert "stopped: etcd, kube-apiserver, kube-controller-manager, ray-operator" in down.stdout
-    assert not [pid for pid in pids.values() if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    running = [pid for pid in pids.values() if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert not running, [psutil.Process(pid).cmdline()[:1] for pid in running if psutil.pid_exists(pid)]

@@ -276,35 +276,33 @@ def install_crds(kubeconfig: Path, files: list[Path], timeout: float = 60) -> No
             time.sleep(0.2)
 
 
-def _terminate(pids: dict[str, int], grace: float = 10) -> None:
-    """SIGTERM each process group (reverse start order), then SIGKILL what is left."""
+def _terminate(pids: dict[str, int], grace: float = 15) -> None:
+    """SIGTERM each process group (reverse start order), SIGKILL what is left after `grace`, and wait until
+    every process is gone (or a zombie its parent has yet to reap)."""
     for pid in reversed(list(pids.values())):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
     deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids.values()):
+        time.sleep(0.1)
     for pid in pids.values():
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.1)
         if _alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-        _reap(pid)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids.values()):
+        time.sleep(0.1)
 
 
 def _alive(pid: int) -> bool:
-    _reap(pid)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _reap(pid: int) -> None:
+    """Running (not gone, not a zombie); reaps it when it is our own child."""
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def stop(folder: Path) -> list[str]:

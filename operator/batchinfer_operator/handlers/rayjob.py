@@ -74,11 +74,16 @@ def sync_from_rayjob(rayjob: dict[str, Any], namespace: str, owner: str, logger:
             post(cast(kopf.Body, bi), reason=update["phase"], message=detail)  # kopf takes plain dicts too
 
 
-@kopf.timer(*GVR, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)  # type: ignore[arg-type]
+def unfinished_with_rayjob(status: kopf.Status, **_: Any) -> bool:
+    """Which BatchInferences the resync timer visits (kopf neither calls nor logs it for the others)."""
+    return bool(status.get("rayJobName")) and not is_terminal(status.get("phase"))
+
+
+@kopf.timer(  # type: ignore[arg-type]
+    *GVR, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds, when=unfinished_with_rayjob
+)
 def resync(body: kopf.Body, status: kopf.Status, name: str, namespace: str, logger: Any, **_: Any) -> None:
     """Reconcile an unfinished BatchInference from its RayJob; end it once its deadline has passed."""
-    if is_terminal(status.get("phase")) or not status.get("rayJobName"):
-        return
     metrics.RECONCILES.labels("resync").inc()
     try:
         deadline = (body.get("spec") or {}).get("activeDeadlineSeconds")
