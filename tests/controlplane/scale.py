@@ -76,6 +76,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def run(count: int, folder: Path, rate: float = 0) -> list[str]:
     plane = start(folder)
+    operator: OperatorProcess | None = None
     try:
         admin = Cluster(config.new_client_from_config(str(plane.kubeconfig)))
         operator = OperatorProcess(operator_credentials(plane, admin), folder / "operator.log")
@@ -124,6 +125,8 @@ def run(count: int, folder: Path, rate: float = 0) -> list[str]:
             "cpu_seconds " + " ".join(f"{name}={seconds:.0f}" for name, seconds in cpu.items()),
         ]
     finally:
+        if operator is not None:
+            operator.stop()  # also when something above failed: never leave an operator running
         stop(folder)
 
 
