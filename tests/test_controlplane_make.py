@@ -16,7 +16,7 @@ def make(target: str, folder: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_make_k8s_up_serves_our_crd_and_k8s_down_stops_every_process(tmp_path: Path) -> None:
+def test_make_k8s_up_serves_our_crd_takes_the_helm_install_and_k8s_down_stops_every_process(tmp_path: Path) -> None:
     folder = tmp_path / "k8s"
     up = make("k8s-up", folder)
     assert up.returncode == 0, up.stdout + up.stderr
@@ -28,6 +28,26 @@ def test_make_k8s_up_serves_our_crd_and_k8s_down_stops_every_process(tmp_path: P
         crds = subprocess.run([str(kubectl), "get", "crd", "-o", "name"], capture_output=True, text=True, env=env)
         assert crds.returncode == 0, crds.stderr
         assert "batchinferences.batchinfer.dev" in crds.stdout and "rayjobs.ray.io" in crds.stdout
+        # The README's install command, verbatim, on the chart as shipped, against a real API server.
+        helm = Path("build/tools/helm").resolve()
+        install = [
+            "install",
+            "batchinfer",
+            "charts/batchinfer",
+            "--namespace",
+            "batchinfer-system",
+            "--create-namespace",
+        ]
+        installed = subprocess.run([str(helm), *install], capture_output=True, text=True, env=env, timeout=120)
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        assert "STATUS: deployed" in installed.stdout
+        deploy = subprocess.run(
+            [str(kubectl), "-n", "batchinfer-system", "get", "deployment", "batchinfer", "-o", "name"],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert deploy.stdout.strip() == "deployment.apps/batchinfer", deploy.stderr
         for pid in pids.values():  # every listener on loopback only
             for conn in psutil.Process(pid).net_connections(kind="inet"):
                 if conn.status == psutil.CONN_LISTEN:

@@ -14,7 +14,8 @@ if [[ -n "${KUBEBUILDER_ASSETS:-}" ]] && have_all "$KUBEBUILDER_ASSETS"; then
   echo "$KUBEBUILDER_ASSETS"; exit 0
 fi
 cache=${BATCHINFER_K8S_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/batchinfer/k8s}
-out="$cache/bin-k8s-${KUBERNETES_VERSION}-etcd-${ETCD_VERSION}-kuberay-${KUBERAY_VERSION}"
+# -v2: the Kubernetes binaries report their version (Helm checks the chart's kubeVersion against it).
+out="$cache/bin-v2-k8s-${KUBERNETES_VERSION}-etcd-${ETCD_VERSION}-kuberay-${KUBERAY_VERSION}"
 if have_all "$out"; then echo "$out"; exit 0; fi
 mkdir -p "$out" "$cache/work"
 export CGO_ENABLED=0 GOFLAGS=-mod=mod
@@ -36,8 +37,13 @@ build_kubernetes() {
   printf 'package tools\n\nimport (\n\t_ "k8s.io/kubernetes/cmd/kube-apiserver/app"\n\t_ "k8s.io/kubernetes/cmd/kube-controller-manager/app"\n)\n' > tools.go
   log "resolving k8s.io/kubernetes $KUBERNETES_VERSION"
   go mod tidy >&2
-  log "building kube-apiserver"; go build -trimpath -o "$out/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver >&2
-  log "building kube-controller-manager"; go build -trimpath -o "$out/kube-controller-manager" k8s.io/kubernetes/cmd/kube-controller-manager >&2
+  local minor=${KUBERNETES_VERSION#v1.}; minor=${minor%%.*}
+  local v=k8s.io/component-base/version
+  local ldflags="-X $v.gitVersion=$KUBERNETES_VERSION -X $v.gitMajor=1 -X $v.gitMinor=$minor -X $v.gitTreeState=clean"
+  log "building kube-apiserver"
+  go build -trimpath -ldflags "$ldflags" -o "$out/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver >&2
+  log "building kube-controller-manager"
+  go build -trimpath -ldflags "$ldflags" -o "$out/kube-controller-manager" k8s.io/kubernetes/cmd/kube-controller-manager >&2
 }
 
 build_etcd() {
