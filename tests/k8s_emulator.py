@@ -242,6 +242,23 @@ class EmulatorThread:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)
 
+    def forget_namespace(self, namespace: str) -> None:
+        """Hard-delete every stored object of a namespace and the request log (from any thread).
+
+        The emulator lives for the session; without this, each test's operator would resume every earlier
+        test's objects (and run their resync timers), and spend a test's one-shot faults on them.
+        """
+        assert self._loop is not None and self.emulator is not None
+        emulator = self.emulator
+
+        async def forget() -> None:  # on the emulator's own loop: no request is half-served meanwhile
+            objects = emulator._objects
+            for key in [k for k in objects if k[1] == namespace]:
+                del objects[key]
+            emulator._requests.clear()
+
+        asyncio.run_coroutine_threadsafe(forget(), self._loop).result(30)
+
     def _run(self) -> None:
         asyncio.run(self._serve())
 

@@ -102,10 +102,12 @@ class OperatorControl:
 
 
 @pytest.fixture
-def operator(k8s: EmulatorThread) -> Iterator[OperatorControl]:
+def operator(k8s: EmulatorThread, namespace: str) -> Iterator[OperatorControl]:
+    """The operator for one test; its namespace's objects are forgotten afterwards (see forget_namespace)."""
     control = OperatorControl()
     yield control
     control.stop()
+    k8s.forget_namespace(namespace)
 
 
 def stop_operator(runner: KopfRunner) -> None:
