@@ -69,16 +69,20 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-crds: $(STAMP) ## Regenerate the torchvision name catalog and the CRD from the schema (manifests/ and the chart)
+crds: $(STAMP) ## Regenerate the torchvision name catalog and the CRDs from the schema (manifests/ and the chart)
 	$(BIN)/python -m batchinfer_job.torchvision_catalog
-	$(BIN)/batchinfer crd -o manifests/crds/batchinference.yaml
-	test ! -d charts/batchinfer || $(BIN)/batchinfer crd -o charts/batchinfer/crds/batchinference.yaml
+	for kind in BatchInference BatchInferenceClass; do \
+	  file=$$(echo $$kind | tr A-Z a-z).yaml; \
+	  $(BIN)/batchinfer crd --kind $$kind -o manifests/crds/$$file && \
+	  { test ! -d charts/batchinfer || cp manifests/crds/$$file charts/batchinfer/crds/$$file; } || exit 1; \
+	done
 
 docs: $(STAMP) ## Regenerate the README's spec reference from the schema
 	$(BIN)/batchinfer docs
 
 manifests: crds $(HELM) ## Regenerate manifests/rbac from the chart and the Argo CD health-check patch
 	PATH=$(abspath $(TOOLS)):$$PATH $(BIN)/python -m tests.chart_render rbac > manifests/rbac/operator-rbac.yaml
+	PATH=$(abspath $(TOOLS)):$$PATH $(BIN)/python -m tests.chart_render tenant-rbac > manifests/rbac/tenant-rbac.yaml
 
 lock: ## Re-resolve and pin every dependency into requirements.lock
 	rm -rf $(BUILD)/lockenv && $(PYTHON) -m venv $(BUILD)/lockenv

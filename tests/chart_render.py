@@ -45,7 +45,13 @@ def rbac_manifest() -> str:
     return RBAC_HEADER + body
 
 
+def tenant_rbac_manifest() -> str:
+    return RBAC_HEADER + template("--show-only", "templates/tenant-rbac.yaml", chart=CHART)
+
+
+MANIFESTS = {"rbac": rbac_manifest, "tenant-rbac": tenant_rbac_manifest}
+
 if __name__ == "__main__":
-    if sys.argv[1:] != ["rbac"]:
-        sys.exit("usage: python -m tests.chart_render rbac")
-    sys.stdout.write(rbac_manifest())
+    if len(sys.argv) != 2 or sys.argv[1] not in MANIFESTS:
+        sys.exit(f"usage: python -m tests.chart_render {{{'|'.join(MANIFESTS)}}}")
+    sys.stdout.write(MANIFESTS[sys.argv[1]]())

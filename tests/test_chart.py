@@ -12,8 +12,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from batchinfer_operator.crd import crd_yaml
-from tests.chart_render import CHART, helm, rbac_manifest, run_helm, template
+from batchinfer_operator.crd import CRD_FILES, crd_yaml
+from tests.chart_render import CHART, helm, rbac_manifest, run_helm, template, tenant_rbac_manifest
 
 K8S_VERSION = "1.33.0"
 VALUES = [None, *sorted((CHART / "ci").glob("*.yaml"))]
@@ -79,10 +79,13 @@ def test_chart_crd_is_the_generated_one() -> None:
 
 def test_templated_crd_matches_the_generated_one(chart: Path) -> None:
     docs = render(chart, CHART / "ci" / "ha-values.yaml")
-    (crd,) = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
-    generated = yaml.safe_load(crd_yaml())
-    assert crd["spec"] == generated["spec"]
-    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    crds = {d["metadata"]["name"]: d for d in docs if d["kind"] == "CustomResourceDefinition"}
+    for file in CRD_FILES:
+        generated = yaml.safe_load(crd_yaml(file))
+        crd = crds.pop(generated["metadata"]["name"])
+        assert crd["spec"] == generated["spec"]
+        assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert not crds
 
 
 def test_crds_are_valid_apiextensions_v1() -> None:
@@ -93,6 +96,7 @@ def test_crds_are_valid_apiextensions_v1() -> None:
 
 def test_rbac_manifests_for_users_without_helm_match_the_chart() -> None:
     assert Path("manifests/rbac/operator-rbac.yaml").read_text() == rbac_manifest(), "run `make manifests`"
+    assert Path("manifests/rbac/tenant-rbac.yaml").read_text() == tenant_rbac_manifest(), "run `make manifests`"
 
 
 def test_the_readme_commands_lint_template_and_install_the_chart_as_shipped(tmp_path: Path) -> None:

@@ -28,7 +28,8 @@ def by_kind(children: list[dict]) -> dict[str, dict]:
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.name)
 def test_render_output_of_every_sample_passes_the_kuberay_crd(sample: Path) -> None:
-    result = CliRunner().invoke(app, ["render", str(sample)])
+    gpu_class = sample.parent / "classes" / "gpu-a100.yaml"  # not a default: only samples that name it get it
+    result = CliRunner().invoke(app, ["render", str(sample), "--class", str(gpu_class)])
     assert result.exit_code == 0, result.output
     docs = list(yaml.safe_load_all(result.output))
     rayjobs = [d for d in docs if d["kind"] == "RayJob"]

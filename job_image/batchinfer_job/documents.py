@@ -7,6 +7,7 @@ object limit), UTF-8, no anchors or aliases (Kubernetes sends JSON, so a spec ne
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,12 +104,23 @@ def parse_spec(spec: dict[str, Any]) -> BatchInferenceSpec:
         raise SpecError(explain(err, prefix="spec")) from None
 
 
-def parse_document(document: Any) -> BatchInference:
-    """Validate a whole BatchInference document."""
+def parse_document(document: Any, classes: Sequence[Any] = ()) -> BatchInference:
+    """Validate a whole BatchInference document; with `classes` (BatchInferenceClass objects) its spec becomes
+    the effective spec of its class, as the operator computes it (`classes.resolve`)."""
     if not isinstance(document, dict):
         raise SpecError(
             [f"(document): expected a mapping with apiVersion/kind/metadata/spec, got {type(document).__name__}"]
         )
+    raw_spec = document.get("spec")
+    if isinstance(raw_spec, dict) and (classes or raw_spec.get("className") is not None):
+        from batchinfer_job.classes import ClassRejected, resolve  # classes builds on this module
+
+        try:
+            spec, _ = resolve(raw_spec, classes)
+        except ClassRejected as err:
+            hint = [] if classes else ["no BatchInferenceClass given: pass the class's YAML with --class FILE"]
+            raise SpecError(err.problems + hint) from None
+        document = {**document, "spec": spec.model_dump(mode="json")}
     try:
         return BatchInference.model_validate(document)
     except ValidationError as err:
@@ -153,8 +165,9 @@ def load_documents(path: Path) -> list[Any]:
     return parse_yaml(read_text(path), str(path))
 
 
-def load_batchinferences(path: Path) -> list[BatchInference]:
-    """Every document of a file, each a valid BatchInference; SpecError lists every problem of every one.
+def load_batchinferences(path: Path, classes: Sequence[Any] = ()) -> list[BatchInference]:
+    """Every document of a file, each a valid BatchInference (under its class, among `classes`); SpecError
+    lists every problem of every one.
 
     `validate`, `render` and `run` all read files through this, so they accept and refuse the same files.
     """
@@ -172,7 +185,7 @@ def load_batchinferences(path: Path) -> list[BatchInference]:
             )
             continue
         try:
-            found.append(parse_document(document))
+            found.append(parse_document(document, classes))
         except SpecError as err:
             problems += [f"{where}: {p}" for p in err.problems]
     if problems:

@@ -473,6 +473,15 @@ class SchedulingSpec(_Model):
 
 
 class BatchInferenceSpec(_Model):
+    className: str | None = Field(
+        default=None,
+        description=(
+            "BatchInferenceClass whose defaults and limits apply (kubectl get bic); unset: the class marked "
+            "batchinfer.dev/is-default-class, if any."
+        ),
+        max_length=253,
+        pattern=_DNS_SUBDOMAIN.pattern,
+    )
     model: ModelSpec = Field(description="Which model predicts.")
     input: InputSpec = Field(description="What to predict on.")
     output: OutputSpec = Field(description="Where predictions are written.")

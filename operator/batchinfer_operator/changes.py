@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
-from batchinfer_job.spec import BatchInferenceSpec
+from batchinfer_job.classes import set_fields
 
 MUTABLE_FIELDS = frozenset({"suspend"})
 
 
-def spec_hash(spec: BatchInferenceSpec) -> str:
-    """A hash of everything in the (defaulted) spec that must not change."""
-    frozen = spec.model_dump(mode="json", exclude=set(MUTABLE_FIELDS))
+def spec_hash(raw_spec: Mapping[str, Any]) -> str:
+    """A hash of what a BatchInference's own spec sets, except the mutable fields.
+
+    Its own fields, not the effective spec: a class edit must not read as a change of the BatchInference.
+    Values equal to the schema's defaults are left out, so defaults an API server fills in change nothing.
+    """
+    frozen = {k: v for k, v in set_fields(raw_spec, drop_defaults=True).items() if k not in MUTABLE_FIELDS}
     return hashlib.sha256(json.dumps(frozen, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -13,6 +13,13 @@ from batchinfer_job.documents import SpecError, load_batchinferences
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
+CLASS_OPTION = typer.Option(
+    None,
+    "--class",
+    help="BatchInferenceClass YAML (repeatable): applied as the operator applies it; its default-annotated "
+    "class applies when a document names none.",
+)
+
 
 def _fail(problems: list[str]) -> None:
     for problem in problems:
@@ -20,8 +27,21 @@ def _fail(problems: list[str]) -> None:
     raise typer.Exit(code=1)
 
 
+def _classes(paths: list[Path] | None) -> list[Any]:
+    from batchinfer_job.classes import load_classes
+
+    try:
+        return load_classes(paths or [])
+    except SpecError as err:
+        _fail(err.problems)
+        raise  # unreachable: _fail exits
+
+
 @app.command()
-def validate(files: list[Path] = typer.Argument(..., help="BatchInference YAML files.")) -> None:
+def validate(
+    files: list[Path] = typer.Argument(..., help="BatchInference YAML files."),
+    class_files: list[Path] | None = CLASS_OPTION,
+) -> None:
     """Check files against the schema; print every problem with its field path (exit 1 on any).
 
     Accepts and refuses exactly what `run` and `render` do; local output paths are also checked against the
@@ -29,10 +49,11 @@ def validate(files: list[Path] = typer.Argument(..., help="BatchInference YAML f
     """
     from batchinfer_job.locations import LocationError, check_local_paths
 
+    classes = _classes(class_files)
     problems: list[str] = []
     for path in files:
         try:
-            documents = load_batchinferences(path)
+            documents = load_batchinferences(path, classes)
         except SpecError as err:
             problems += err.problems
             continue
@@ -49,9 +70,10 @@ def validate(files: list[Path] = typer.Argument(..., help="BatchInference YAML f
 @app.command()
 def run(
     file: Path = typer.Argument(..., help="A BatchInference YAML file (each document in it runs in turn)."),
+    class_files: list[Path] | None = CLASS_OPTION,
 ) -> None:
     """Run a BatchInference locally on an embedded Ray (127.0.0.1) and print a summary."""
-    documents = _load(file)
+    documents = _load(file, _classes(class_files))
     from batchinfer_job.local import job_failures, run_local, summary_lines
     from batchinfer_job.summary import output_summary_lines
 
@@ -65,9 +87,9 @@ def run(
             typer.echo(line)
 
 
-def _load(path: Path) -> list:
+def _load(path: Path, classes: list[Any]) -> list:
     try:
-        return load_batchinferences(path)
+        return load_batchinferences(path, classes)
     except SpecError as err:
         _fail(err.problems)
         raise  # unreachable: _fail exits
@@ -77,15 +99,17 @@ def _load(path: Path) -> list:
 def render(
     files: list[Path] = typer.Argument(..., help="BatchInference YAML files."),
     namespace: str = typer.Option("default", help="Namespace when the document names none."),
+    class_files: list[Path] | None = CLASS_OPTION,
 ) -> None:
     """Print exactly what the operator would create (multi-document YAML; it adds ownerReferences)."""
     from batchinfer_operator.render import Owner, render_children
     from batchinfer_operator.settings import OperatorSettings
 
     settings = OperatorSettings.from_env()
+    classes = _classes(class_files)
     out: list[dict] = []
     for path in files:
-        for document in _load(path):
+        for document in _load(path, classes):
             owner = Owner(name=document.metadata.name, namespace=document.metadata.namespace or namespace)
             out += render_children(document.spec, owner, settings)
     sys.stdout.write(yaml.dump_all(out, Dumper=_BlockDumper, sort_keys=False, width=120))
@@ -106,11 +130,12 @@ _BlockDumper.add_representer(str, _block_strings)
 @app.command()
 def crd(
     output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
+    kind: Literal["BatchInference", "BatchInferenceClass"] = typer.Option("BatchInference", help="Which CRD."),
 ) -> None:
-    """Print the BatchInference CRD generated from the schema."""
+    """Print a CRD generated from the schema (BatchInference, or BatchInferenceClass)."""
     from batchinfer_operator.crd import crd_yaml
 
-    text = crd_yaml()
+    text = crd_yaml(f"{kind.lower()}.yaml")
     if output is None:
         sys.stdout.write(text)
     else:

@@ -1,4 +1,4 @@
-"""Generate the BatchInference CRD from the pydantic schema (the one source of truth).
+"""Generate the BatchInference and BatchInferenceClass CRDs from the pydantic schema (the one source of truth).
 
 pydantic emits JSON Schema 2020-12; Kubernetes wants a *structural* OpenAPI v3.0 schema: no `$ref`, no
 `anyOf` with null, no `const`, boolean `exclusiveMinimum`, no `additionalProperties: false`, free-form
@@ -8,10 +8,12 @@ CEL rules, printer columns and status subresource.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import yaml
 
+from batchinfer_job import classes as c
 from batchinfer_job import spec as s
 
 GENERATED_HEADER = (
@@ -21,7 +23,18 @@ GENERATED_HEADER = (
 
 # Spec fields that cannot change once a BatchInference exists (suspend may; scheduling is checked by the
 # operator, because CEL cost estimates on free-form affinity/tolerations would exceed the API budget).
-IMMUTABLE_FIELDS = ("model", "input", "output", "batching", "compute", "storage", "cluster", "errorPolicy", "timeouts")
+IMMUTABLE_FIELDS = (
+    "className",
+    "model",
+    "input",
+    "output",
+    "batching",
+    "compute",
+    "storage",
+    "cluster",
+    "errorPolicy",
+    "timeouts",
+)
 
 _MODEL_SOURCE_RULE = {
     "rule": "[" + ", ".join(f"has(self.{f})" for f in s.MODEL_SOURCES) + "].filter(x, x).size() == 1",
@@ -62,19 +75,6 @@ def _slash(field: str) -> str:
 _OUTPUT_APART_RULE = {
     "rule": f"!{_slash('output')}.startsWith({_slash('input')}) && !{_slash('input')}.startsWith({_slash('output')})",
     "message": "output.uri must not be input.uri, inside it or above it; write predictions to a separate prefix",
-}
-_REPLICAS_NEED_AUTOSCALING_RULE = {
-    "rule": "(has(self.enableInTreeAutoscaling) && self.enableInTreeAutoscaling) || !has(self.workers) || "
-    "(has(self.workers.maxReplicas) ? self.workers.maxReplicas : 1) == "
-    "(has(self.workers.replicas) ? self.workers.replicas : 1)",
-    "message": "cluster.workers.maxReplicas differs from replicas but cluster.enableInTreeAutoscaling is false: "
-    "without autoscaling KubeRay runs exactly replicas workers",
-}
-_KUEUE_WITHOUT_AUTOSCALING_RULE = {
-    "rule": "!has(self.scheduling) || !has(self.scheduling.queueName) || !has(self.cluster) || "
-    "!has(self.cluster.enableInTreeAutoscaling) || !self.cluster.enableInTreeAutoscaling",
-    "message": "scheduling.queueName and cluster.enableInTreeAutoscaling: true cannot go together: Kueue admits a "
-    "RayJob for a fixed size and refuses autoscaling ones",
 }
 _NAME_RULE = {
     "rule": f"self.metadata.name.size() <= {s.NAME_MAX}",
@@ -146,16 +146,28 @@ def spec_schema() -> dict[str, Any]:
         props[section]["properties"]["uri"]["x-kubernetes-validations"] = list(_URI_RULES)
     props["output"]["properties"]["uri"]["x-kubernetes-validations"].append(_OUTPUT_NOT_HERE_RULE)
     props["model"]["properties"]["weightsUri"]["x-kubernetes-validations"] = list(_URI_RULES)
-    schema["x-kubernetes-validations"] = [_OUTPUT_APART_RULE, _KUEUE_WITHOUT_AUTOSCALING_RULE]
-    props["cluster"].setdefault("x-kubernetes-validations", []).insert(0, _REPLICAS_NEED_AUTOSCALING_RULE)
+    # Rules across fields a class may default (autoscaling, queueName, replicas) are left to the operator,
+    # which checks them on the effective spec: admission sees only the BatchInference's own fields.
+    schema["x-kubernetes-validations"] = [_OUTPUT_APART_RULE]
     for field in IMMUTABLE_FIELDS:
-        props[field].setdefault("x-kubernetes-validations", []).append(
-            {
-                "rule": "self == oldSelf",
-                "message": f"spec.{field} is immutable; create a new BatchInference instead",
-            }
-        )
+        rule = {"rule": "self == oldSelf", "message": f"spec.{field} is immutable; create a new BatchInference instead"}
+        props[field].setdefault("x-kubernetes-validations", []).append(rule)
+    for field in c.DEFAULTABLE:  # no server-side defaults: a value the API server filled in would override the class
+        props[field] = _without_defaults(props[field])
     return schema
+
+
+def _without_defaults(node: Any) -> Any:
+    """A schema with its `default`s moved into the descriptions (kubectl explain still tells them)."""
+    if isinstance(node, list):
+        return [_without_defaults(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _without_defaults(v) for k, v in node.items() if k != "default"}
+    if "default" in node and node["default"] is not None:
+        note = f"Default: {json.dumps(node['default'])}."
+        out["description"] = f"{out['description']} {note}" if out.get("description") else note
+    return out
 
 
 def crd_manifest() -> dict[str, Any]:
@@ -186,6 +198,7 @@ def crd_manifest() -> dict[str, Any]:
                     "storage": True,
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [
+                        {"name": "Class", "type": "string", "jsonPath": ".status.className"},
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
                         {"name": "Progress", "type": "string", "jsonPath": ".status.progress.display"},
                         {
@@ -227,6 +240,68 @@ class _NoAliasDumper(yaml.SafeDumper):
         return True
 
 
-def crd_yaml() -> str:
-    """The CRD as committed in manifests/crds/ and the chart, header included."""
-    return GENERATED_HEADER + yaml.dump(crd_manifest(), Dumper=_NoAliasDumper, sort_keys=False, width=110)
+_DEFAULT_CLASS_PATH = ".metadata.annotations." + c.DEFAULT_ANNOTATION.replace(".", "\\.")
+
+
+def class_crd_manifest() -> dict[str, Any]:
+    """The BatchInferenceClass CustomResourceDefinition (cluster-scoped)."""
+    spec = openapi_schema(c.BatchInferenceClassSpec)
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{c.PLURAL}.{s.API_GROUP}",
+            "labels": {"app.kubernetes.io/name": "batchinfer", "app.kubernetes.io/part-of": "batchinfer"},
+        },
+        "spec": {
+            "group": s.API_GROUP,
+            "scope": "Cluster",
+            "names": {
+                "kind": c.KIND,
+                "listKind": f"{c.KIND}List",
+                "plural": c.PLURAL,
+                "singular": c.SINGULAR,
+                "shortNames": list(c.SHORT_NAMES),
+                "categories": ["batchinfer"],
+            },
+            "versions": [
+                {
+                    "name": s.API_VERSION,
+                    "served": True,
+                    "storage": True,
+                    "additionalPrinterColumns": [
+                        {
+                            "name": "Default",
+                            "type": "string",
+                            "jsonPath": _DEFAULT_CLASS_PATH,
+                        },
+                        {"name": "Max-GPUs", "type": "integer", "jsonPath": ".spec.limits.maxGpusPerJob"},
+                        {"name": "Description", "type": "string", "jsonPath": ".spec.description", "priority": 1},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "BatchInferenceClass holds the defaults and limits a platform team "
+                            "sets for the BatchInferences that name it (spec.className), or for all of them when "
+                            f'annotated {c.DEFAULT_ANNOTATION}: "true".',
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec,
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+CRD_FILES = {"batchinference.yaml": crd_manifest, "batchinferenceclass.yaml": class_crd_manifest}
+
+
+def crd_yaml(file: str = "batchinference.yaml") -> str:
+    """A CRD as committed in manifests/crds/ and the chart's crds/, header included."""
+    return GENERATED_HEADER + yaml.dump(CRD_FILES[file](), Dumper=_NoAliasDumper, sort_keys=False, width=110)

@@ -13,6 +13,7 @@ import kubernetes
 from kubernetes.client.rest import ApiException
 from urllib3.exceptions import HTTPError
 
+from batchinfer_job import classes as c
 from batchinfer_job import spec as s
 
 TRANSIENT_STATUSES = {408, 410, 425, 429, 500, 502, 503, 504}
@@ -81,6 +82,13 @@ def create_or_adopt(child: dict[str, Any], owner_uid: str) -> str:
             "delete it or rename the BatchInference"
         )
     return "existing"
+
+
+def list_classes() -> list[dict[str, Any]]:
+    """Every BatchInferenceClass (cluster-scoped), as stored."""
+    with api_errors("list BatchInferenceClasses"):
+        found = kubernetes.client.CustomObjectsApi().list_cluster_custom_object(s.API_GROUP, s.API_VERSION, c.PLURAL)
+    return list(found.get("items") or [])
 
 
 def get_batchinference(namespace: str, name: str) -> dict[str, Any]:

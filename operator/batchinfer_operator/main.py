@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 
 from batchinfer_operator import kube, metrics
-from batchinfer_operator.handlers import batchinference, rayjob  # noqa: F401  (registers handlers)
+from batchinfer_operator.handlers import batchinference, classes, rayjob  # noqa: F401  (registers handlers)
 from batchinfer_operator.settings import OperatorSettings
 
 PREFIX = "batchinfer.dev"

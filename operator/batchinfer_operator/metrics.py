@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import Counter, start_http_server
+from prometheus_client import Counter, Gauge, start_http_server
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -13,6 +13,7 @@ PHASES = ("Pending", "Running", "Retrying", "Succeeded", "Failed", "Suspended")
 RECONCILES = Counter("batchinfer_reconciles_total", "Handler invocations.", ["handler"])
 ERRORS = Counter("batchinfer_reconcile_errors_total", "Handler invocations that raised.", ["handler"])
 CHILDREN_CREATED = Counter("batchinfer_children_created_total", "Child objects created.", ["kind"])
+DEFAULT_CLASSES = Gauge("batchinfer_default_classes", "BatchInferenceClasses marked default (over 1: none used).")
 
 
 class PhaseCollector(Collector):

@@ -78,6 +78,10 @@ No wildcards; no Secrets (credentials reach Ray pods by reference only).
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["get", "list", "watch"]
+# BatchInferenceClasses (cluster-scoped): read only; the platform team owns them.
+- apiGroups: ["batchinfer.dev"]
+  resources: ["batchinferenceclasses"]
+  verbs: ["get", "list", "watch"]
 {{- if .Values.peering.enabled }}
 # kopf: peering, so that only one operator pod acts at a time.
 - apiGroups: ["kopf.dev"]

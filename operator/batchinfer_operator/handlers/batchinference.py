@@ -9,9 +9,11 @@ from typing import Any
 import kopf
 
 from batchinfer_job import spec as s
+from batchinfer_job.classes import ClassRejected
 from batchinfer_job.documents import SpecError, parse_spec
 from batchinfer_operator import kube, metrics, naming
 from batchinfer_operator.changes import changed_fields, spec_hash
+from batchinfer_operator.class_choice import resolve_in_cluster
 from batchinfer_operator.render import Owner, render_children
 from batchinfer_operator.settings import OperatorSettings
 from batchinfer_operator.status import is_terminal
@@ -122,10 +124,14 @@ def create_children(
     if is_terminal(status.get("phase")):
         return  # finished; its RayJob may be gone by TTL and must not be recreated
     try:
-        parsed = parse_stored_spec(body)
+        parsed, class_name = accepted_spec(body, dict(status))
     except SpecError as err:
         metrics.ERRORS.labels("create").inc()
         fail_invalid_spec(body, dict(status), patch, err.problems)
+        return
+    except ClassRejected as err:
+        metrics.ERRORS.labels("create").inc()
+        reject_for_class(body, dict(status), patch, err, last_try=retry + 1 >= HANDLER_RETRIES)
         return
     children = render_children(parsed, Owner(name=name, namespace=namespace), SETTINGS)
     kopf.append_owner_reference(children, owner=body)
@@ -150,10 +156,64 @@ def create_children(
     patch.status["rayJobName"] = rayjob
     patch.status["outputUri"] = parsed.output.uri
     if not status.get("acceptedSpecHash"):  # set once: a later (refused) spec must never become the accepted one
-        patch.status["acceptedSpecHash"] = spec_hash(parsed)
+        patch.status["acceptedSpecHash"] = spec_hash(body.get("spec") or {})
         patch.status["observedGeneration"] = body.metadata.get("generation")
-    if not status.get("phase"):
+        patch.status["effectiveSpec"] = parsed.model_dump(mode="json", exclude_none=True)
+        patch.status["className"] = class_name
+        rejected = [c for c in conditions_of(status) if c.get("type") == "SpecRejected"]
+        if rejected and rejected[0].get("status") == "True":  # it waited for its class: that is over
+            accepted = condition("SpecRejected", False, "SpecAccepted", "", body.metadata.get("generation"))
+            patch.status["conditions"] = merge_condition(conditions_of(status), accepted)
+    if not status.get("phase") or status.get("phase") == "Pending":
         patch.status["phase"] = "Suspended" if parsed.suspend else "Pending"
+
+
+def accepted_spec(body: kopf.Body, status: dict[str, Any]) -> tuple[s.BatchInferenceSpec, str | None]:
+    """The effective spec and class: as fixed in status when the job was accepted, else resolved now."""
+    fixed = status.get("effectiveSpec")
+    if isinstance(fixed, Mapping) and status.get("acceptedSpecHash"):
+        return parse_spec(dict(fixed)), status.get("className")
+    raw = body.get("spec")
+    if not isinstance(raw, Mapping):
+        raise SpecError([f"spec: expected an object with model, input and output, got {type(raw).__name__}"])
+    return resolve_in_cluster(raw)
+
+
+def effective_spec_of(body: Mapping[str, Any]) -> s.BatchInferenceSpec | None:
+    """The spec a BatchInference runs with once accepted; for one accepted by an operator that did not record
+    it (no classes then), its own spec. None before it is accepted, or when what is stored does not parse."""
+    status = status_of(body)
+    fixed = status.get("effectiveSpec")
+    if not isinstance(fixed, Mapping):
+        fixed = body.get("spec") if status.get("acceptedSpecHash") else None
+    try:
+        return parse_spec(dict(fixed)) if isinstance(fixed, Mapping) else None
+    except SpecError:
+        return None
+
+
+CLASS_RETRY_SECONDS = 15.0
+
+
+def reject_for_class(
+    body: kopf.Body, status: dict[str, Any], patch: kopf.Patch, err: ClassRejected, last_try: bool
+) -> None:
+    """Refuse a BatchInference its class does not allow: SpecRejected condition and Event, nothing created.
+
+    A missing class or two defaults may be fixed by the platform team: those wait (Pending, retried); a
+    limit or an enforced field cannot change without a new BatchInference: those fail it.
+    """
+    generation = body.metadata.get("generation")
+    message = str(err)
+    rejected = condition("SpecRejected", True, err.reason, message, generation)
+    kopf.warn(body, reason="SpecRejected", message=message)
+    if err.waiting and not last_try:
+        patch.status["phase"] = "Pending"
+        patch.status["conditions"] = merge_condition(conditions_of(status), rejected)
+        raise kopf.TemporaryError(f"{err.reason}: {message}", delay=CLASS_RETRY_SECONDS)
+    fail_permanently(
+        body, {**status, "conditions": merge_condition(conditions_of(status), rejected)}, patch, "SpecRejected", message
+    )
 
 
 @kopf.on.update(*GVR, field="spec", retries=HANDLER_RETRIES, backoff=5)  # type: ignore[arg-type]
@@ -163,17 +223,13 @@ def spec_changed(
     """Only `suspend` may change; any other change is refused with a SpecRejected condition and an Event."""
     metrics.RECONCILES.labels("update").inc()
     generation = body.metadata.get("generation")
-    try:
-        if not isinstance(new, Mapping):
-            raise SpecError([f"spec: expected an object, got {type(new).__name__}"])
-        parsed = parse_spec(dict(new))
-    except SpecError as err:
-        problems = "; ".join(err.problems)
-        record_condition(namespace, name, condition("SpecRejected", True, "SpecInvalid", problems, generation))
-        kopf.warn(body, reason="SpecRejected", message=problems)
+    if not isinstance(new, Mapping):
+        message = f"spec: expected an object, got {type(new).__name__}"
+        record_condition(namespace, name, condition("SpecRejected", True, "SpecInvalid", message, generation))
+        kopf.warn(body, reason="SpecRejected", message=message)
         return
     accepted = status.get("acceptedSpecHash")
-    if accepted and spec_hash(parsed) != accepted:
+    if accepted and spec_hash(new) != accepted:
         fields = ", ".join(changed_fields(dict(old) if isinstance(old, Mapping) else None, dict(new))) or "spec"
         message = (
             f"{fields} cannot change after creation (only spec.suspend can); the running job keeps its "
@@ -182,23 +238,28 @@ def spec_changed(
         record_condition(namespace, name, condition("SpecRejected", True, "ImmutableField", message, generation))
         kopf.warn(body, reason="SpecRejected", message=message)
         return
-    record_condition(
-        namespace, name, condition("SpecRejected", False, "SpecAccepted", "", generation), only_if_present=True
-    )
-    if (old if isinstance(old, Mapping) else {}).get("suspend", False) != parsed.suspend and not is_terminal(
-        status.get("phase")
+    if accepted:
+        record_condition(
+            namespace, name, condition("SpecRejected", False, "SpecAccepted", "", generation), only_if_present=True
+        )
+    suspend = new.get("suspend", False) is True
+    effective = effective_spec_of(body)
+    if (
+        effective is not None
+        and (old if isinstance(old, Mapping) else {}).get("suspend", False) != suspend
+        and not is_terminal(status.get("phase"))
     ):
-        if parsed.scheduling.queueName:
+        if effective.scheduling.queueName:
             # Kueue owns a queued RayJob's spec.suspend (it admits by unsuspending): writing it would fight Kueue.
             kopf.warn(
                 body,
                 reason="SuspendIgnored",
-                message=f"spec.suspend={parsed.suspend} is not passed on: Kueue queue "
-                f"{parsed.scheduling.queueName!r} owns this RayJob's admission; stop it through Kueue instead",
+                message=f"spec.suspend={suspend} is not passed on: Kueue queue "
+                f"{effective.scheduling.queueName!r} owns this RayJob's admission; stop it through Kueue instead",
             )
         else:
-            kube.patch_rayjob_suspend(namespace, naming.rayjob_name(name), parsed.suspend)
-            kopf.info(body, reason="Suspended" if parsed.suspend else "Resumed", message=f"suspend={parsed.suspend}")
+            kube.patch_rayjob_suspend(namespace, naming.rayjob_name(name), suspend)
+            kopf.info(body, reason="Suspended" if suspend else "Resumed", message=f"suspend={suspend}")
     patch.status["observedGeneration"] = generation
 
 

@@ -12,7 +12,7 @@ from kubernetes.client.rest import ApiException
 
 from batchinfer_job import spec as s
 from batchinfer_operator import kube, metrics
-from batchinfer_operator.handlers.batchinference import GVR, SETTINGS, conditions_of, now, status_of
+from batchinfer_operator.handlers.batchinference import GVR, SETTINGS, conditions_of, effective_spec_of, now, status_of
 from batchinfer_operator.render import MANAGED_BY
 from batchinfer_operator.status import conditions_for, is_terminal, status_from_rayjob
 
@@ -86,7 +86,8 @@ def resync(body: kopf.Body, status: kopf.Status, name: str, namespace: str, logg
     """Reconcile an unfinished BatchInference from its RayJob; end it once its deadline has passed."""
     metrics.RECONCILES.labels("resync").inc()
     try:
-        deadline = (body.get("spec") or {}).get("activeDeadlineSeconds")
+        effective = effective_spec_of(body)
+        deadline = effective.activeDeadlineSeconds if effective else None
         if isinstance(deadline, int) and seconds_since(status.get("startTime")) > deadline:
             end_after_deadline(body, namespace, name, status["rayJobName"], deadline)
             return
