@@ -38,6 +38,7 @@ def declare(emulator: StrictEmulator) -> None:
     add("rbac.authorization.k8s.io", "v1", "roles", "Role")
     add("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding")
     add(s.API_GROUP, s.API_VERSION, s.PLURAL, s.KIND, status=True)
+    add(s.API_GROUP, s.API_VERSION, "batchinferenceclasses", "BatchInferenceClass", namespaced=False)
     add("ray.io", "v1", "rayjobs", "RayJob", status=True)
     emulator.schemas[s.PLURAL] = version_schema(crd_manifest(), s.API_VERSION)
     rayjobs = yaml.load((KUBERAY / "ray.io_rayjobs.yaml").read_text(), Loader=yaml.CSafeLoader)

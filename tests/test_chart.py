@@ -12,6 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from batchinfer_job import classes as c
 from batchinfer_operator.crd import CRD_FILES, crd_yaml
 from tests.chart_render import CHART, helm, rbac_manifest, run_helm, template, tenant_rbac_manifest
 
@@ -42,6 +43,9 @@ def test_every_rendered_object_is_valid_kubernetes(chart: Path, values: Path | N
     docs = render(chart, values)
     assert {d["kind"] for d in docs} >= {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
     for doc in docs:
+        if doc["kind"] == "BatchInferenceClass":
+            c.parse_class(doc)  # ours: our schema
+            continue
         if doc["kind"] in ("ServiceMonitor", "ClusterKopfPeering", "KopfPeering"):
             continue  # custom resources: kubernetes-validate has no schema for them
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -175,3 +179,29 @@ def test_operator_never_imports_torch_or_ray() -> None:
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_classes_from_values_are_the_sample_classes(chart: Path) -> None:
+    rendered = {d["metadata"]["name"]: d for d in render(chart, CHART / "ci" / "classes-values.yaml")}
+    for sample in sorted(Path("manifests/samples/classes").glob("*.yaml")):
+        expected = c.parse_class(yaml.safe_load(sample.read_text()))
+        got = c.parse_class(rendered[expected.name])
+        assert got.spec == expected.spec and got.is_default == expected.is_default, sample
+
+
+def test_two_default_classes_in_values_fail_the_render_naming_them(chart: Path) -> None:
+    both = '{"a":{"default":true},"b":{"default":true}}'
+    result = run_helm("template", "bi", "--set-json", f"classes={both}", chart=chart)
+    assert result.returncode != 0 and "a, b are all marked default: true" in result.stderr
+
+
+def test_tenant_roles_aggregate_into_the_builtin_roles_and_never_write_classes(chart: Path) -> None:
+    roles = {d["metadata"]["name"]: d for d in render(chart, None) if d["kind"] == "ClusterRole"}
+    edit, view = roles["batchinfer-edit"], roles["batchinfer-view"]
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    for role in (edit, view, roles["batchinfer-class-reader"]):
+        for rule in role["rules"]:
+            if "batchinferenceclasses" in rule["resources"]:
+                assert set(rule["verbs"]) == {"get", "list", "watch"}, role["metadata"]["name"]

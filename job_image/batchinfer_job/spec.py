@@ -603,6 +603,12 @@ class BatchInferenceStatus(BaseModel):
     acceptedSpecHash: str | None = Field(
         default=None, description="Hash of the spec the job runs with; other values are refused."
     )
+    className: str | None = Field(default=None, description="The BatchInferenceClass the job runs under, if any.")
+    effectiveSpec: dict[str, Any] | None = Field(
+        default=None,
+        description="The spec the job runs with: its class's defaults and its own values, fixed when it was "
+        "accepted (a later class edit does not change it).",
+    )
     progress: Progress | None = Field(default=None, description="Live row counts.")
 
 

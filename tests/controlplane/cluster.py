@@ -196,7 +196,7 @@ def start(folder: Path, timeout: float = 180) -> ControlPlane:
             [
                 str(bin_dir / "kube-controller-manager"),
                 f"--kubeconfig={kubeconfig}",
-                "--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token,job",
+                "--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token,job,clusterrole-aggregation",
                 f"--service-account-private-key-file={keys.path('sa.key')}",
                 f"--root-ca-file={keys.ca_cert}",
                 f"--bind-address={LOOPBACK}",
