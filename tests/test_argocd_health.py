@@ -58,3 +58,19 @@ def test_health(status: dict | None, expected: str, message: str) -> None:
 def test_argocd_cm_patch_carries_the_same_lua() -> None:
     patch = yaml.safe_load(Path("manifests/argocd/argocd-cm-health-patch.yaml").read_text())
     assert patch["data"]["resource.customizations.health.batchinfer.dev_BatchInference"] == LUA
+
+
+def test_the_app_of_apps_syncs_kuberay_then_the_chart_then_the_classes_from_paths_that_exist() -> None:
+    root = yaml.safe_load(Path("manifests/argocd/app-of-apps.yaml").read_text())
+    folder = Path(root["spec"]["source"]["path"])
+    apps = {}
+    for path in sorted(folder.glob("*.yaml")):
+        app = yaml.safe_load(path.read_text())
+        assert app["kind"] == "Application", path
+        apps[app["metadata"]["name"]] = app
+    waves = {name: int(app["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"]) for name, app in apps.items()}
+    assert waves["kuberay-operator"] < waves["batchinfer"] < waves["batchinfer-classes"]
+    assert apps["kuberay-operator"]["spec"]["source"]["targetRevision"] == "1.7.0"
+    for name in ("batchinfer", "batchinfer-classes"):
+        assert Path(apps[name]["spec"]["source"]["path"]).is_dir(), name
+    assert "batchinfer-classes" in apps and Path("manifests/samples/classes/cpu-default.yaml").exists()

@@ -227,3 +227,14 @@ def test_class_files_must_hold_classes(tmp_path: Path) -> None:
         app, ["validate", str(SAMPLES / "quickstart.yaml"), "--class", str(SAMPLES / "quickstart.yaml")]
     )
     assert result.exit_code == 1 and "is not a BatchInferenceClass" in result.output
+
+
+def test_run_applies_the_class_before_anything_runs(tmp_path: Path) -> None:
+    document = yaml.safe_load((SAMPLES / "quickstart.yaml").read_text())
+    document["spec"]["className"] = "gpu-a100"
+    path = tmp_path / "quick.yaml"
+    path.write_text(yaml.safe_dump(document))
+    result = runner.invoke(app, ["run", str(path), "--class", str(GPU_CLASS)])
+    assert result.exit_code == 1
+    assert "spec.input.uri:" in result.output and "spec.limits.allowedInputPrefixes" in result.output
+    assert "done" not in result.output
