@@ -234,7 +234,9 @@ def test_run_applies_the_class_before_anything_runs(tmp_path: Path) -> None:
     document["spec"]["className"] = "gpu-a100"
     path = tmp_path / "quick.yaml"
     path.write_text(yaml.safe_dump(document))
+    with pytest.raises(c.ClassRejected) as caught:
+        resolve(document["spec"])
     result = runner.invoke(app, ["run", str(path), "--class", str(GPU_CLASS)])
     assert result.exit_code == 1
-    assert "spec.input.uri:" in result.output and "spec.limits.allowedInputPrefixes" in result.output
-    assert "done" not in result.output
+    assert all(problem in result.output for problem in caught.value.problems), result.output
+    assert "spec.compute.device:" in result.output and "done" not in result.output
