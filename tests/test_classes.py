@@ -240,3 +240,17 @@ def test_run_applies_the_class_before_anything_runs(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert all(problem in result.output for problem in caught.value.problems), result.output
     assert "spec.compute.device:" in result.output and "done" not in result.output
+
+
+def test_a_batchinference_accepted_before_classes_still_takes_suspend_changes() -> None:
+    import hashlib
+    import json
+
+    from batchinfer_job.documents import parse_spec
+    from batchinfer_operator.changes import is_accepted
+
+    spec = yaml.safe_load((SAMPLES / "quickstart.yaml").read_text())["spec"]
+    old = parse_spec(spec).model_dump(mode="json", exclude={"suspend", "className"})  # what the old operator hashed
+    stored = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert is_accepted({**spec, "suspend": True}, stored)
+    assert not is_accepted({**spec, "output": {**spec["output"], "topK": 2}}, stored)

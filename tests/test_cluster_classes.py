@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import yaml
-from kubernetes import utils
 from kubernetes.client.rest import ApiException
 from typer.testing import CliRunner
 
@@ -23,7 +22,7 @@ from batchinfer_job import classes as c
 from batchinfer_job import spec as s
 from batchinfer_operator.cli import app
 from tests.controlplane.cluster import ControlPlane
-from tests.controlplane.fixtures import Cluster, OperatorProcess, impersonating
+from tests.controlplane.fixtures import Cluster, OperatorProcess, create_all, impersonating
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.usefixtures("real_operator")
@@ -31,6 +30,13 @@ pytestmark = pytest.mark.usefixtures("real_operator")
 SAMPLES = Path("manifests/samples")
 TENANT_RBAC = Path("manifests/rbac/tenant-rbac.yaml")
 KUBECTL = Path("build/tools/kubectl")
+
+
+def kubectl_get(plane: ControlPlane, *args: str) -> list[list[str]]:
+    """`kubectl get …` as the admin: its table, a list of words per line (empty cells vanish)."""
+    command = [str(KUBECTL), "--kubeconfig", str(plane.kubeconfig), "get", *args]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return [line.split() for line in out.splitlines() if line]
 
 
 def class_document(name: str, default: bool = False, **limits: Any) -> dict[str, Any]:
@@ -90,6 +96,15 @@ def rayjobs(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
     return cluster.ray(namespace, "rayjobs")
 
 
+def start_under_new_class(cluster: Cluster, namespace: str, classes: Classes, bi: str) -> tuple[str, dict[str, Any]]:
+    """A new class (the GPU sample's) and a BatchInference naming it: (the class name, its RayJob)."""
+    name = unique(bi)
+    classes.create(class_document(name))
+    cluster.create_bi(namespace, bi_document(bi, name))
+    (rayjob,) = eventually(lambda: rayjobs(cluster, namespace), 60, "the RayJob")
+    return name, rayjob
+
+
 def condition(bi: dict[str, Any], kind: str) -> dict[str, Any]:
     found = [x for x in (bi.get("status") or {}).get("conditions") or [] if x.get("type") == kind]
     return found[0] if found else {}
@@ -114,39 +129,30 @@ def test_the_class_crd_is_cluster_scoped_with_its_columns(
     name, default = unique("cols"), unique("cols-default")
     classes.create(class_document(name, maxGpusPerJob=6))
     classes.create(class_document(default, default=True, maxGpusPerJob=0))
-    shown = subprocess.run(
-        [str(KUBECTL), "--kubeconfig", str(control_plane.kubeconfig), "get", "bic", name, default],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\n")
-    assert shown[0].split()[:3] == ["NAME", "DEFAULT", "MAX-GPUS"]
-    rows = {line.split()[0]: line.split()[1:-1] for line in shown[1:] if line}
+    header, *lines = kubectl_get(control_plane, "bic", name, default)
+    assert header[:3] == ["NAME", "DEFAULT", "MAX-GPUS"]
+    rows = {line[0]: line[1:-1] for line in lines}
     assert rows == {name: ["6"], default: ["true", "0"]}  # no annotation: an empty DEFAULT column
 
 
 def test_class_defaults_reach_the_rayjob_and_status_names_the_class(
     cluster: Cluster, cluster_namespace: str, classes: Classes, control_plane: ControlPlane
 ) -> None:
-    name = unique("gpu")
-    classes.create(class_document(name))
-    cluster.create_bi(cluster_namespace, bi_document("tagging", name))
-    (rayjob,) = eventually(lambda: rayjobs(cluster, cluster_namespace), 60, "the RayJob")
+    name, rayjob = start_under_new_class(cluster, cluster_namespace, classes, "tagging")
     worker = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert worker["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     assert worker["template"]["spec"]["priorityClassName"] == "batch-low"
     assert worker["template"]["spec"]["containers"][0]["image"] == "registry.example.com/ml/batchinfer-job:0.1.0"
     assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "ml-batch"
     assert rayjob["spec"]["activeDeadlineSeconds"] == 86400
-    status = eventually(lambda: cluster.get_bi(cluster_namespace, "tagging").get("status"), 30, "status")
+    status = eventually(
+        lambda: bi_when(cluster, cluster_namespace, "tagging", lambda b: (b.get("status") or {}).get("className")),
+        30,
+        "status.className",
+    )["status"]
     assert status["className"] == name and status["effectiveSpec"]["scheduling"]["queueName"] == "ml-batch"
-    shown = subprocess.run(
-        [str(KUBECTL), "--kubeconfig", str(control_plane.kubeconfig), "get", "bi", "-n", cluster_namespace],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\n")
-    assert shown[0].split()[:2] == ["NAME", "CLASS"] and shown[1].split()[:2] == ["tagging", name]
+    header, row = kubectl_get(control_plane, "bi", "-n", cluster_namespace)
+    assert header[:2] == ["NAME", "CLASS"] and row[:2] == ["tagging", name]
 
 
 @pytest.mark.parametrize(
@@ -245,10 +251,7 @@ def test_the_default_class_applies_and_two_defaults_are_reported(
 def test_a_class_edit_does_not_change_a_running_job(
     cluster: Cluster, cluster_namespace: str, classes: Classes, real_operator: OperatorProcess
 ) -> None:
-    name = unique("edit")
-    classes.create(class_document(name))
-    cluster.create_bi(cluster_namespace, bi_document("steady", name))
-    (before,) = eventually(lambda: rayjobs(cluster, cluster_namespace), 60, "the RayJob")
+    name, before = start_under_new_class(cluster, cluster_namespace, classes, "steady")
     effective = eventually(
         lambda: (cluster.get_bi(cluster_namespace, "steady").get("status") or {}).get("effectiveSpec"), 30, "status"
     )
@@ -335,12 +338,7 @@ def test_a_class_less_document_breaking_a_rule_across_fields_is_failed_by_the_op
 @pytest.fixture(scope="module")
 def tenant_roles(cluster: Cluster) -> None:
     """The chart's aggregated roles (manifests/rbac/tenant-rbac.yaml is rendered from it: make manifests)."""
-    documents = [d for d in yaml.safe_load_all(TENANT_RBAC.read_text()) if d]
-    try:
-        utils.create_from_yaml(cluster.api, yaml_objects=documents)
-    except utils.FailToCreateError as err:
-        if any(e.status != 409 for e in err.api_exceptions):
-            raise
+    create_all(cluster, TENANT_RBAC)
 
 
 def bind(cluster: Cluster, namespace: str, user: str, role: str) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from batchinfer_job.classes import set_fields
+from batchinfer_job.documents import SpecError, parse_spec
 
 MUTABLE_FIELDS = frozenset({"suspend"})
 
@@ -20,6 +21,22 @@ def spec_hash(raw_spec: Mapping[str, Any]) -> str:
     """
     frozen = {k: v for k, v in set_fields(raw_spec, drop_defaults=True).items() if k not in MUTABLE_FIELDS}
     return hashlib.sha256(json.dumps(frozen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def legacy_spec_hash(raw_spec: Mapping[str, Any]) -> str | None:
+    """The hash operators before BatchInferenceClass stored (of the defaulted spec), so that BatchInferences
+    they accepted keep accepting `suspend` changes after an upgrade; None when the spec does not parse alone."""
+    try:
+        parsed = parse_spec(dict(raw_spec))
+    except SpecError:
+        return None
+    frozen = parsed.model_dump(mode="json", exclude={*MUTABLE_FIELDS, "className"})
+    return hashlib.sha256(json.dumps(frozen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_accepted(raw_spec: Mapping[str, Any], accepted: str) -> bool:
+    """Whether a BatchInference's own spec is still the one accepted (only mutable fields changed)."""
+    return accepted in (spec_hash(raw_spec), legacy_spec_hash(raw_spec))
 
 
 def changed_fields(old: dict[str, Any] | None, new: dict[str, Any] | None) -> list[str]:

@@ -170,74 +170,65 @@ def _without_defaults(node: Any) -> Any:
     return out
 
 
-def crd_manifest() -> dict[str, Any]:
-    """The whole CustomResourceDefinition object."""
-    status = openapi_schema(s.BatchInferenceStatus)
+def _crd(
+    names: dict[str, Any], scope: str, version: dict[str, Any], description: str, properties: dict[str, Any]
+) -> dict[str, Any]:
+    """A CustomResourceDefinition of group batchinfer.dev with one version (`version` holds its extra keys)."""
+    schema = {
+        "type": "object",
+        "description": description,
+        **version.pop("root", {}),
+        "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"}}
+        | properties,
+    }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": f"{s.PLURAL}.{s.API_GROUP}",
+            "name": f"{names['plural']}.{s.API_GROUP}",
             "labels": {"app.kubernetes.io/name": "batchinfer", "app.kubernetes.io/part-of": "batchinfer"},
         },
         "spec": {
             "group": s.API_GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": s.KIND,
-                "listKind": f"{s.KIND}List",
-                "plural": s.PLURAL,
-                "singular": s.SINGULAR,
-                "shortNames": list(s.SHORT_NAMES),
-                "categories": ["all", "batchinfer"],
-            },
+            "scope": scope,
+            "names": {"kind": names["kind"], "listKind": f"{names['kind']}List", **names},
             "versions": [
                 {
                     "name": s.API_VERSION,
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": [
-                        {"name": "Class", "type": "string", "jsonPath": ".status.className"},
-                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-                        {"name": "Progress", "type": "string", "jsonPath": ".status.progress.display"},
-                        {
-                            "name": "Rows/s",
-                            "type": "number",
-                            "jsonPath": ".status.progress.rowsPerSecond",
-                            "priority": 1,
-                        },
-                        {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta", "priority": 1},
-                        {"name": "RayJob", "type": "string", "jsonPath": ".status.rayJobName", "priority": 1},
-                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                    ],
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": "BatchInference runs a model over every input under a URI and "
-                            "writes predictions to object storage, as a KubeRay RayJob.",
-                            "required": ["spec"],
-                            "x-kubernetes-validations": [_NAME_RULE],
-                            "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
-                                "spec": spec_schema(),
-                                "status": status,
-                            },
-                        }
-                    },
+                    **version,
+                    "schema": {"openAPIV3Schema": schema},
                 }
             ],
         },
     }
 
 
-class _NoAliasDumper(yaml.SafeDumper):
-    """Writes repeated values out in full: no `&id001` anchors or `*id001` aliases in generated YAML."""
-
-    def ignore_aliases(self, data: Any) -> bool:
-        return True
+def crd_manifest() -> dict[str, Any]:
+    """The BatchInference CustomResourceDefinition."""
+    names = {"kind": s.KIND, "plural": s.PLURAL, "singular": s.SINGULAR, "shortNames": list(s.SHORT_NAMES)}
+    columns = [
+        {"name": "Class", "type": "string", "jsonPath": ".status.className"},
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Progress", "type": "string", "jsonPath": ".status.progress.display"},
+        {"name": "Rows/s", "type": "number", "jsonPath": ".status.progress.rowsPerSecond", "priority": 1},
+        {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta", "priority": 1},
+        {"name": "RayJob", "type": "string", "jsonPath": ".status.rayJobName", "priority": 1},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+    return _crd(
+        {**names, "categories": ["all", "batchinfer"]},
+        "Namespaced",
+        {
+            "subresources": {"status": {}},
+            "additionalPrinterColumns": columns,
+            "root": {"required": ["spec"], "x-kubernetes-validations": [_NAME_RULE]},
+        },
+        "BatchInference runs a model over every input under a URI and writes predictions to object storage, "
+        "as a KubeRay RayJob.",
+        {"spec": spec_schema(), "status": openapi_schema(s.BatchInferenceStatus)},
+    )
 
 
 _DEFAULT_CLASS_PATH = ".metadata.annotations." + c.DEFAULT_ANNOTATION.replace(".", "\\.")
@@ -245,61 +236,31 @@ _DEFAULT_CLASS_PATH = ".metadata.annotations." + c.DEFAULT_ANNOTATION.replace(".
 
 def class_crd_manifest() -> dict[str, Any]:
     """The BatchInferenceClass CustomResourceDefinition (cluster-scoped)."""
-    spec = openapi_schema(c.BatchInferenceClassSpec)
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {
-            "name": f"{c.PLURAL}.{s.API_GROUP}",
-            "labels": {"app.kubernetes.io/name": "batchinfer", "app.kubernetes.io/part-of": "batchinfer"},
-        },
-        "spec": {
-            "group": s.API_GROUP,
-            "scope": "Cluster",
-            "names": {
-                "kind": c.KIND,
-                "listKind": f"{c.KIND}List",
-                "plural": c.PLURAL,
-                "singular": c.SINGULAR,
-                "shortNames": list(c.SHORT_NAMES),
-                "categories": ["batchinfer"],
-            },
-            "versions": [
-                {
-                    "name": s.API_VERSION,
-                    "served": True,
-                    "storage": True,
-                    "additionalPrinterColumns": [
-                        {
-                            "name": "Default",
-                            "type": "string",
-                            "jsonPath": _DEFAULT_CLASS_PATH,
-                        },
-                        {"name": "Max-GPUs", "type": "integer", "jsonPath": ".spec.limits.maxGpusPerJob"},
-                        {"name": "Description", "type": "string", "jsonPath": ".spec.description", "priority": 1},
-                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                    ],
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": "BatchInferenceClass holds the defaults and limits a platform team "
-                            "sets for the BatchInferences that name it (spec.className), or for all of them when "
-                            f'annotated {c.DEFAULT_ANNOTATION}: "true".',
-                            "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
-                                "spec": spec,
-                            },
-                        }
-                    },
-                }
-            ],
-        },
-    }
+    names = {"kind": c.KIND, "plural": c.PLURAL, "singular": c.SINGULAR, "shortNames": list(c.SHORT_NAMES)}
+    columns = [
+        {"name": "Default", "type": "string", "jsonPath": _DEFAULT_CLASS_PATH},
+        {"name": "Max-GPUs", "type": "integer", "jsonPath": ".spec.limits.maxGpusPerJob"},
+        {"name": "Description", "type": "string", "jsonPath": ".spec.description", "priority": 1},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+    return _crd(
+        {**names, "categories": ["batchinfer"]},
+        "Cluster",
+        {"additionalPrinterColumns": columns},
+        "BatchInferenceClass holds the defaults and limits a platform team sets for the BatchInferences that "
+        f'name it (spec.className), or for all of them when annotated {c.DEFAULT_ANNOTATION}: "true".',
+        {"spec": openapi_schema(c.BatchInferenceClassSpec)},
+    )
 
 
 CRD_FILES = {"batchinference.yaml": crd_manifest, "batchinferenceclass.yaml": class_crd_manifest}
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes repeated values out in full: no `&id001` anchors or `*id001` aliases in generated YAML."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def crd_yaml(file: str = "batchinference.yaml") -> str:

@@ -105,6 +105,16 @@ def _has_default_service_account(cluster: Cluster, namespace: str) -> bool:
     return True
 
 
+def create_all(cluster: Cluster, manifest: Path) -> None:
+    """Create every object of a YAML file; those that exist already are kept (the session shares them)."""
+    documents = [d for d in yaml.safe_load_all(manifest.read_text()) if d]
+    try:
+        utils.create_from_yaml(cluster.api, yaml_objects=documents)
+    except utils.FailToCreateError as err:
+        if any(e.status != 409 for e in err.api_exceptions):
+            raise
+
+
 def operator_credentials(plane: ControlPlane, cluster: Cluster) -> Path:
     """The chart's ServiceAccount, ClusterRole and binding (as `make manifests` renders them), and a kubeconfig
     holding a token of that ServiceAccount: the operator runs with exactly the chart's permissions."""
@@ -113,12 +123,7 @@ def operator_credentials(plane: ControlPlane, cluster: Cluster) -> Path:
     except ApiException as err:
         if err.status != 409:
             raise
-    documents = [d for d in yaml.safe_load_all(OPERATOR_RBAC.read_text()) if d]
-    try:
-        utils.create_from_yaml(cluster.api, yaml_objects=documents)
-    except utils.FailToCreateError as err:
-        if any(e.status != 409 for e in err.api_exceptions):
-            raise
+    create_all(cluster, OPERATOR_RBAC)
     token = cluster.core.create_namespaced_service_account_token(
         "batchinfer", OPERATOR_NAMESPACE, {"spec": {"expirationSeconds": 24 * 3600}}
     ).status.token

@@ -12,7 +12,7 @@ from batchinfer_job import spec as s
 from batchinfer_job.classes import ClassRejected
 from batchinfer_job.documents import SpecError, parse_spec
 from batchinfer_operator import kube, metrics, naming
-from batchinfer_operator.changes import changed_fields, spec_hash
+from batchinfer_operator.changes import changed_fields, is_accepted, spec_hash
 from batchinfer_operator.class_choice import resolve_in_cluster
 from batchinfer_operator.render import Owner, render_children
 from batchinfer_operator.settings import OperatorSettings
@@ -229,7 +229,7 @@ def spec_changed(
         kopf.warn(body, reason="SpecRejected", message=message)
         return
     accepted = status.get("acceptedSpecHash")
-    if accepted and spec_hash(new) != accepted:
+    if accepted and not is_accepted(new, accepted):
         fields = ", ".join(changed_fields(dict(old) if isinstance(old, Mapping) else None, dict(new))) or "spec"
         message = (
             f"{fields} cannot change after creation (only spec.suspend can); the running job keeps its "
