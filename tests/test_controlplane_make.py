@@ -16,6 +16,15 @@ def make(target: str, folder: Path) -> subprocess.CompletedProcess:
     )
 
 
+PLATFORM_UPGRADE = " ".join(
+    [
+        "helm upgrade batchinfer charts/batchinfer",
+        "--namespace batchinfer-system",
+        "-f charts/batchinfer/ci/classes-values.yaml",
+    ]
+)
+
+
 def test_make_k8s_up_serves_our_crd_takes_the_helm_install_and_k8s_down_stops_every_process(tmp_path: Path) -> None:
     folder = tmp_path / "k8s"
     up = make("k8s-up", folder)
@@ -48,6 +57,14 @@ def test_make_k8s_up_serves_our_crd_takes_the_helm_install_and_k8s_down_stops_ev
             env=env,
         )
         assert deploy.stdout.strip() == "deployment.apps/batchinfer", deploy.stderr
+        # The platform section's command, verbatim: classes from values, on top of that install.
+        upgrade = PLATFORM_UPGRADE.split()
+        assert " ".join(upgrade) in Path("README.md").read_text()
+        upgraded = subprocess.run([str(helm), *upgrade[1:]], capture_output=True, text=True, env=env, timeout=120)
+        assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
+        shown = subprocess.run([str(kubectl), "get", "bic"], capture_output=True, text=True, env=env)
+        rows = {line.split()[0]: line.split()[1:-1] for line in shown.stdout.splitlines()[1:]}
+        assert rows == {"cpu": ["true", "0"], "gpu-a100": ["8"]}, shown.stdout + shown.stderr
         for pid in pids.values():  # every listener on loopback only
             for conn in psutil.Process(pid).net_connections(kind="inet"):
                 if conn.status == psutil.CONN_LISTEN:
