@@ -79,6 +79,16 @@ def test_model_raising_on_one_row_costs_only_that_row(tmp_path: Path) -> None:
     assert all(r["error"] is None and r["label"] for k, r in rows.items() if k != inputs[5])
 
 
+def test_out_of_memory_halves_the_model_calls_and_loses_no_row(tmp_path: Path) -> None:
+    """A device that fits 4 rows per call, batches of 8 (and a batch of 1 that still fits): every row is
+    predicted, none fails; the actor keeps the smaller size (see test_predictor_backoff for the call sizes)."""
+    inputs = write_images(tmp_path / "in", 21)
+    result = run_local(spec_for(tmp_path, "batchinfer_job.fault_predictors:OutOfMemoryPredictor"), on_progress=None)
+    rows = {r["key"]: r for r in read_committed(str(tmp_path / "out")).to_pylist()}
+    assert sorted(rows) == inputs and result.failed == 0
+    assert all(r["error"] is None and r["label"] for r in rows.values())
+
+
 def test_hung_model_call_fails_only_its_row_after_per_batch_timeout(tmp_path: Path) -> None:
     inputs = write_images(tmp_path / "in", 8, marked=(3,))
     spec = spec_for(tmp_path, "batchinfer_job.fault_predictors:HangingPredictor", timeouts={"perBatchSeconds": 1.5})

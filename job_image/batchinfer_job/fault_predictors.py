@@ -47,6 +47,24 @@ class SlowPredictor(DominantChannelPredictor):
         return super().__call__(batch)
 
 
+class OutOfMemoryPredictor(DominantChannelPredictor):
+    """Raises the device out-of-memory error on calls of more than $BATCHINFER_OOM_ABOVE rows (default 4),
+    as a GPU does when a batch does not fit; counts the rows of each call in `calls`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        self.calls.append(len(batch["image"]))
+        limit = int(os.environ.get("BATCHINFER_OOM_ABOVE", "4"))
+        if len(batch["image"]) > limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory: {len(batch['image'])} rows (fits {limit})")
+        return super().__call__(batch)
+
+
 class WrongTypePredictor(DominantChannelPredictor):
     """Breaks the contract: returns a list instead of a dict."""
 

@@ -199,10 +199,21 @@ def optimize_model(
     return model, "eager"
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """A device ran out of memory (CUDA, or any accelerator torch reports the same way)."""
+    return isinstance(err, torch.OutOfMemoryError)
+
+
 class TorchPredictor:
-    """Ray Data callable class: `__init__` loads once per actor, `__call__` predicts one batch."""
+    """Ray Data callable class: `__init__` loads once per actor, `__call__` predicts one batch.
+
+    On a device out-of-memory error the actor halves the rows per model call, retries the same rows, and keeps
+    the smaller size for every later batch (logged once per halving): OOM never loses or fails a row while a
+    single row still fits.
+    """
 
     def __init__(self, config: PredictorConfig) -> None:
+        self.max_rows: int | None = None  # rows per model call after an out-of-memory back-off; None: no cap
         torch.set_num_threads(max(1, config.threads))  # Ray sets OMP_NUM_THREADS=1 in workers
         spec = ModelSpec.model_validate(config.model)
         self.top_k = config.top_k
@@ -258,19 +269,45 @@ class TorchPredictor:
         errors = [error_or_none(e) for e in batch["error"]]
         images = batch["image"]
         ok = [i for i, e in enumerate(errors) if e is None]
-        results = self._predict_isolating(keys, images, ok, errors)
+        results = self._predict_in_chunks(keys, images, ok, errors)
         ok_after = [i for i in ok if errors[i] is None]
         width = len(next(iter(results.values()))[0]) if results else self.top_k
         classes = np.stack([results[i][0] for i in ok_after]) if ok_after else np.zeros((0, width), np.int32)
         scores = np.stack([results[i][1] for i in ok_after]) if ok_after else np.zeros((0, width), np.float32)
         return prediction_table(keys, errors, classes, scores, self.categories)
 
+    def _predict_in_chunks(
+        self, keys: list[str], images: np.ndarray, rows: list[int], errors: list[str | None]
+    ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Predict `rows` in model calls of at most `max_rows`; halve it on out-of-memory and retry."""
+        results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        start = 0
+        while start < len(rows):
+            chunk = rows[start : start + (self.max_rows or len(rows))]
+            try:
+                results |= self._predict_isolating(keys, images, chunk, errors)
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                if len(chunk) == 1:  # nothing smaller to try: this row cannot be predicted on this device
+                    errors[chunk[0]] = f"predict: {type(err).__name__}: {err}"
+                    start += 1
+                    continue
+                self.max_rows = len(chunk) // 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                log.warning("out of memory at %d rows per model call; continuing with %d", len(chunk), self.max_rows)
+                continue  # the same rows again, in smaller calls
+            start += len(chunk)
+        return results
+
     def _predict_isolating(
         self, keys: list[str], images: np.ndarray, rows: list[int], errors: list[str | None]
     ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Predict `rows`; on failure split in halves until the failing rows are single, then mark them.
 
-        One poisoned row costs only itself: log2(batch) extra calls for the halves that contain it.
+        One poisoned row costs only itself: log2(batch) extra calls for the halves that contain it. Running out of
+        memory is not a poisoned row: it goes up to `_predict_in_chunks`, which makes the calls smaller.
         """
         if not rows:
             return {}
@@ -279,6 +316,8 @@ class TorchPredictor:
                 lambda: self._predict_rows([keys[i] for i in rows], images[rows]), self.batch_timeout
             )
         except (RuntimeError, ValueError, TypeError, BatchTimeoutError) as err:
+            if is_out_of_memory(err):
+                raise
             if len(rows) == 1:
                 errors[rows[0]] = f"predict: {type(err).__name__}: {err}"
                 return {}
