@@ -155,24 +155,45 @@ def test_class_defaults_reach_the_rayjob_and_status_names_the_class(
     assert header[:2] == ["NAME", "CLASS"] and row[:2] == ["tagging", name]
 
 
+GPU_OVERRIDABLE = yaml.safe_load((SAMPLES / "classes" / "gpu-a100.yaml").read_text())["spec"]["limits"]["overridable"]
+NINE_WORKERS = {"cluster": {"workers": {"replicas": 9, "minReplicas": 9, "maxReplicas": 9}}}
+
+
 @pytest.mark.parametrize(
-    ("extra", "reason", "field"),
+    ("extra", "limits", "reason", "field"),
     [
+        (NINE_WORKERS, {"maxWorkerReplicas": 100}, "ClassLimitExceeded", "spec.cluster"),  # 9 GPUs, 8 allowed
+        (NINE_WORKERS, {"maxGpusPerJob": 100}, "ClassLimitExceeded", "spec.cluster.workers.maxReplicas"),
+        ({"activeDeadlineSeconds": 999999}, {}, "ClassLimitExceeded", "spec.activeDeadlineSeconds"),
+        ({"input": {"uri": "s3://team-payroll/scans/"}}, {}, "ClassLimitExceeded", "spec.input.uri"),
+        ({"output": {"uri": "s3://someone-else/out/"}}, {}, "ClassLimitExceeded", "spec.output.uri"),
         (
-            {"cluster": {"workers": {"replicas": 9, "minReplicas": 9, "maxReplicas": 9}}},
+            {"model": {"weightsUri": "s3://elsewhere/m.pt", "architecture": "resnet50"}},
+            {},
             "ClassLimitExceeded",
-            "spec.cluster",
+            "spec.model.weightsUri",
         ),
-        ({"output": {"uri": "s3://someone-else/out/"}}, "ClassLimitExceeded", "spec.output.uri"),
-        ({"activeDeadlineSeconds": 999999}, "ClassLimitExceeded", "spec.activeDeadlineSeconds"),
-        ({"scheduling": {"nodeSelector": {"pool": "cheap"}}}, "EnforcedField", "spec.scheduling.nodeSelector"),
+        (
+            {"cluster": {"image": "docker.io/someone/miner:1"}},
+            {"overridable": [*GPU_OVERRIDABLE, "cluster.image"]},
+            "ClassLimitExceeded",
+            "spec.cluster.image",
+        ),
+        ({"scheduling": {"nodeSelector": {"pool": "cheap"}}}, {}, "EnforcedField", "spec.scheduling.nodeSelector"),
+        ({"cluster": {"image": "registry.example.com/ml/x:1"}}, {}, "EnforcedField", "spec.cluster.image"),
     ],
 )
 def test_a_limit_or_an_enforced_field_is_refused_and_nothing_is_created(
-    cluster: Cluster, cluster_namespace: str, classes: Classes, extra: dict[str, Any], reason: str, field: str
+    cluster: Cluster,
+    cluster_namespace: str,
+    classes: Classes,
+    extra: dict[str, Any],
+    limits: dict[str, Any],
+    reason: str,
+    field: str,
 ) -> None:
     name = unique("gpu")
-    classes.create(class_document(name))
+    classes.create(class_document(name, **limits))
     cluster.create_bi(cluster_namespace, bi_document("greedy", name, **extra))
 
     def refused() -> dict[str, Any]:

@@ -62,6 +62,9 @@ def test_one_row_per_input_and_manifest_agrees(lite_run, photo_dir: Path) -> Non
     assert sorted(s["file"] for s in manifest["shards"]) == sorted(p.name for p in out.glob("*.parquet"))
     assert sorted(p.stem for p in (out / "_shards").glob("*.json")) == sorted(p.stem for p in out.glob("*.parquet"))
     assert result.total == len(inputs) and result.failed == 2
+    # Start-up is measured: the first committed row came after the start and before the end.
+    assert 0 < manifest["timeToFirstRowSeconds"] <= manifest["seconds"]
+    assert result.time_to_first_row == pytest.approx(manifest["timeToFirstRowSeconds"], abs=1e-3)
 
 
 def test_corrupt_and_truncated_files_become_error_rows(lite_run) -> None:

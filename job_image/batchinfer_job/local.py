@@ -118,6 +118,12 @@ def summary_lines(result: RunResult, top: int = 8) -> list[str]:
         f"resumed:     {result.resumed} (committed by an earlier attempt)",
         f"wall time:   {result.seconds:.1f} s",
         f"throughput:  {result.rows_per_second:.1f} rows/s ({result.processed} rows this run)",
+        *([f"first row:   {result.time_to_first_row:.1f} s after the job started"] if result.time_to_first_row else []),
+        *(
+            [f"steady:      {result.steady_rows_per_second:.1f} rows/s after the first shard"]
+            if result.steady_rows_per_second
+            else []
+        ),
         f"output:      {result.output_uri} (manifest: _SUCCESS.json)",
         *(f"skipped:     {count} {reason}" for reason, count in result.skipped.items()),
         "top labels:",

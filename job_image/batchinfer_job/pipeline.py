@@ -68,6 +68,8 @@ class RunResult:
     manifest: dict
     label_counts: Counter = field(default_factory=Counter)
     skipped: dict[str, int] = field(default_factory=dict)  # files under input.uri that are not inputs
+    time_to_first_row: float | None = None  # seconds from the job's start to its first committed row
+    steady_rows_per_second: float | None = None  # throughput after the first committed shard
 
     @property
     def rows_per_second(self) -> float:
@@ -186,6 +188,30 @@ def stream_tables(dataset: ray.data.Dataset, stall_seconds: float | None) -> Ite
         yield item
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Monotonic times of one run: its start, its end, its first committed shard (and that shard's rows)."""
+
+    start: float
+    end: float
+    first_shard_at: float | None
+    first_shard_rows: int
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+    @property
+    def time_to_first_row(self) -> float | None:
+        return None if self.first_shard_at is None else self.first_shard_at - self.start
+
+    def steady_rows_per_second(self, processed: int) -> float | None:
+        """Rows/s after the first shard (start-up excluded); None without a second shard's worth of time."""
+        if self.first_shard_at is None or self.end - self.first_shard_at < 1e-3:
+            return None
+        return (processed - self.first_shard_rows) / (self.end - self.first_shard_at)
+
+
 def run_pipeline(spec: BatchInferenceSpec, on_progress: Callable[[ProgressReport], None] | None = None) -> RunResult:
     """Run (or resume) one BatchInference to completion; raises on anything that is not a per-row error.
 
@@ -205,6 +231,7 @@ def run_pipeline(spec: BatchInferenceSpec, on_progress: Callable[[ProgressReport
     labels: Counter = Counter()
     pending: list[pa.Table] = []
     last_flush = time.monotonic()
+    first_shard: dict[str, float] = {}  # when this run committed its first shard, and how many rows it held
 
     def report() -> ProgressReport:
         return ProgressReport(counts["rows"], counts["failed"], source.all_total, time.monotonic() - start)
@@ -216,6 +243,8 @@ def run_pipeline(spec: BatchInferenceSpec, on_progress: Callable[[ProgressReport
             counts["rows"] += shard.rows
             counts["failed"] += shard.failed
             counts["this_run"] += shard.rows
+            first_shard.setdefault("at", time.monotonic())
+            first_shard.setdefault("rows", shard.rows)
         pending, last_flush = [], time.monotonic()
         if on_progress:
             on_progress(report())
@@ -234,7 +263,8 @@ def run_pipeline(spec: BatchInferenceSpec, on_progress: Callable[[ProgressReport
                 flush()
                 pending_rows = 0
     flush()
-    return finish(spec, store, source, run_id, started_at, time.monotonic() - start, counts["this_run"], labels)
+    timing = Timing(start, time.monotonic(), first_shard.get("at"), int(first_shard.get("rows", 0)))
+    return finish(spec, store, source, run_id, started_at, timing, counts["this_run"], labels)
 
 
 def finish(
@@ -243,7 +273,7 @@ def finish(
     source: inputs.InputSource,
     run_id: str,
     started_at: datetime,
-    seconds: float,
+    timing: Timing,
     processed: int,
     labels: Counter,
 ) -> RunResult:
@@ -257,6 +287,7 @@ def finish(
         )
     total, failed = len(committed), sum(s.failed for s in shards)
     check_not_all_failed(spec.errorPolicy, failed, total)
+    seconds, first_row, steady = timing.seconds, timing.time_to_first_row, timing.steady_rows_per_second(processed)
     manifest = {
         "apiVersion": "batchinfer.dev/v1alpha1",
         "model": spec.model.describe(),
@@ -270,6 +301,8 @@ def finish(
         "endTime": datetime.now(UTC).isoformat(),
         "seconds": round(seconds, 3),
         "rowsPerSecond": round(processed / seconds, 3) if seconds else None,
+        "timeToFirstRowSeconds": None if first_row is None else round(first_row, 3),
+        "rowsPerSecondAfterFirstShard": None if steady is None else round(steady, 3),
     }
     store.write_success(manifest)
     return RunResult(
@@ -283,4 +316,6 @@ def finish(
         manifest=manifest,
         label_counts=labels,
         skipped=source.skipped,
+        time_to_first_row=first_row,
+        steady_rows_per_second=steady,
     )
