@@ -93,3 +93,17 @@ def test_random_weights_survive_the_trip_to_the_actors() -> None:
     shipped = ModelSpec.model_validate(spec.model.model_dump(mode="json", exclude_none=True))
     assert shipped.torchvision.weights == "NONE"
     assert load_model(shipped).categories[0] == "tench"  # built offline, no zoo download
+
+
+@pytest.mark.parametrize("architecture", ["resnet18", "regnet_x_400mf", "vit_b_16"])
+def test_a_state_dict_loads_without_random_init_and_predicts_the_same(architecture: str) -> None:
+    """Meta-device build where the builder allows it (RegNet computes with tensors: the ordinary build)."""
+
+    from batchinfer_job.models import _with_weights
+
+    reference = tvm.get_model(architecture, weights=None).eval()
+    loaded = _with_weights(architecture, reference.state_dict()).eval()
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(reference(x), loaded(x))
