@@ -70,3 +70,14 @@ def test_a_tiny_real_run_prints_the_table_chart_and_last_line(local_ray: None, t
     assert (tmp_path / "bench-resnet18-cpu-12.txt").read_text().splitlines()[-1] == lines[-1]
     for method in METHODS:
         assert f"warm-up {method}" in result.stderr
+
+
+def test_the_commit_stage_measures_the_driver_ceiling_against_s3() -> None:
+    from typer.testing import CliRunner
+
+    from batchinfer_operator.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "--stage", "commit", "--images", "3000", "--shard-rows", "1000"])
+    assert result.exit_code == 0, result.output
+    assert "3,000 rows in 3 shards" in result.output and "moto S3 on 127.0.0.1" in result.output
+    assert "rows/s" in result.output and "48,000 rows/s" in result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -161,12 +162,24 @@ def bench(
     precision: Literal["auto", "fp32", "bf16", "fp16"] = typer.Option(
         "auto", help="pipeline stage: batchinfer's compute.precision (the plain loop and the seed stay fp32)."
     ),
-    stage: Literal["pipeline", "predictor"] = typer.Option(
-        "pipeline", help="pipeline (a/b/c with Ray) or predictor (no Ray; GPU hosts)."
+    stage: Literal["pipeline", "predictor", "commit"] = typer.Option(
+        "pipeline",
+        help="pipeline (a/b/c with Ray), predictor (no Ray; GPU hosts) or commit (the driver's rows/s ceiling: "
+        "labels, shards and commit records, to moto S3 unless --output-uri is given).",
     ),
+    output_uri: str | None = typer.Option(None, help="commit stage: where shards go (default: a moto S3 server)."),
+    shard_rows: int = typer.Option(1024, help="commit stage: rows per shard (spec.output.shardRows)."),
     out: Path = typer.Option(Path("build/bench"), help="Images, chart and results go here."),
 ) -> None:
     """Measure batchinfer against a plain PyTorch loop and the seed Ray Data recipe (prints ratios)."""
+    if stage == "commit":
+        from batchinfer_job.bench.commit_bench import moto_s3, run_commit_bench
+
+        with moto_s3() if output_uri is None else nullcontext(output_uri) as uri:
+            ceiling = run_commit_bench(uri, rows=images, shard_rows=shard_rows, batch=batch_size)
+        for line in ceiling.lines("moto S3 on 127.0.0.1" if output_uri is None else uri):
+            typer.echo(line)
+        return
     import torch
 
     if device == "auto":
