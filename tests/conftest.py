@@ -11,6 +11,7 @@ from pathlib import Path
 import boto3
 import pytest
 
+from batchinfer_job.bench.commit_bench import moto_server
 from batchinfer_job.demo_data import write_demo_images, write_truncated
 from batchinfer_job.local import LOCAL_RAY_ENV
 from tests.operator_env import k8s, namespace, operator  # noqa: F401  (operator-test fixtures)
@@ -28,28 +29,8 @@ LOOPBACK = "127.0.0.1"
 def s3_server() -> Iterator[str]:
     """moto in server mode on loopback; the AWS environment points at it (before Ray starts, so workers
     inherit it)."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address=LOOPBACK, port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield endpoint
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="session")

@@ -84,27 +84,29 @@ def run_commit_bench(output_uri: str, rows: int, shard_rows: int, batch: int) ->
 
 
 @contextlib.contextmanager
-def moto_s3() -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 with a bucket, the AWS environment pointing at it; yields the bucket URI."""
-    import boto3
+def moto_server() -> Iterator[str]:
+    """moto's S3 API server on 127.0.0.1, the AWS environment pointing at it while it runs; yields its endpoint.
+
+    Set before Ray starts, the environment reaches Ray's workers too. The test suite's S3 fixture is this.
+    """
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
     env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "bench",
-        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_REGION": "us-east-1",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench")
-        yield "s3://bench/commit"
+        yield endpoint
     finally:
         server.stop()
         for key, value in saved.items():
@@ -112,3 +114,13 @@ def moto_s3() -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[str]:
+    """A moto S3 server with a bucket for the commit stage; yields the output URI."""
+    import boto3
+
+    with moto_server() as endpoint:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+        yield "s3://bench/commit"
