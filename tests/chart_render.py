@@ -24,6 +24,10 @@ def helm() -> str:
     return found
 
 
+# The README's install command, as written there; tests run it (split into arguments) on the chart as shipped.
+README_INSTALL = "helm install batchinfer charts/batchinfer --namespace batchinfer-system --create-namespace"
+
+
 def run_helm(*args: str, chart: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([helm(), *args, str(chart)], capture_output=True, text=True, check=False)
 

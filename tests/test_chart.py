@@ -14,7 +14,7 @@ import yaml
 
 from batchinfer_job import classes as c
 from batchinfer_operator.crd import CRD_FILES, crd_yaml
-from tests.chart_render import CHART, helm, rbac_manifest, run_helm, template, tenant_rbac_manifest
+from tests.chart_render import CHART, README_INSTALL, helm, rbac_manifest, run_helm, template, tenant_rbac_manifest
 
 K8S_VERSION = "1.33.0"
 VALUES = [None, *sorted((CHART / "ci").glob("*.yaml"))]
@@ -111,21 +111,13 @@ def test_the_readme_commands_lint_template_and_install_the_chart_as_shipped(tmp_
     commands = [
         ["lint", "charts/batchinfer"],
         ["template", "bi", "charts/batchinfer", "--include-crds"],
-        [
-            "install",
-            "batchinfer",
-            "charts/batchinfer",
-            "--namespace",
-            "batchinfer-system",
-            "--create-namespace",
-            "--dry-run=client",
-        ],
+        [*README_INSTALL.split()[1:], "--dry-run=client"],
     ]
     for args in commands:
         result = subprocess.run([helm(), *args], capture_output=True, text=True, env=env, check=False)
         assert result.returncode == 0, f"helm {' '.join(args)}:\n{result.stdout}{result.stderr}"
     readme = Path("README.md").read_text()
-    assert "helm install batchinfer charts/batchinfer --namespace batchinfer-system --create-namespace" in readme
+    assert README_INSTALL in readme
 
 
 def test_image_tags_default_to_app_version(chart: Path) -> None:

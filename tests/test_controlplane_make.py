@@ -9,6 +9,8 @@ from pathlib import Path
 
 import psutil
 
+from tests.chart_render import README_INSTALL
+
 
 def make(target: str, folder: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -39,14 +41,8 @@ def test_make_k8s_up_serves_our_crd_takes_the_helm_install_and_k8s_down_stops_ev
         assert "batchinferences.batchinfer.dev" in crds.stdout and "rayjobs.ray.io" in crds.stdout
         # The README's install command, verbatim, on the chart as shipped, against a real API server.
         helm = Path("build/tools/helm").resolve()
-        install = [
-            "install",
-            "batchinfer",
-            "charts/batchinfer",
-            "--namespace",
-            "batchinfer-system",
-            "--create-namespace",
-        ]
+        install = README_INSTALL.split()[1:]
+        assert README_INSTALL in Path("README.md").read_text()
         installed = subprocess.run([str(helm), *install], capture_output=True, text=True, env=env, timeout=120)
         assert installed.returncode == 0, installed.stdout + installed.stderr
         assert "STATUS: deployed" in installed.stdout
