@@ -241,7 +241,8 @@ def test_too_many_pixels_is_an_error_row_read_from_the_header(tmp_path: Path) ->
 
 
 def test_retries_are_finite_for_tasks_actors_and_oom_kills() -> None:
-    from batchinfer_job.pipeline import TASK_RETRIES, build_dataset
+    from batchinfer_job.inputs import Partition
+    from batchinfer_job.pipeline import TASK_RETRIES, ReadPlan, build_dataset
     from batchinfer_operator.render import Owner, render_children
     from batchinfer_operator.settings import OperatorSettings
     from tests.helpers import make_spec
@@ -254,11 +255,11 @@ def test_retries_are_finite_for_tasks_actors_and_oom_kills() -> None:
     for container in containers:
         assert {"name": "RAY_task_oom_retries", "value": str(TASK_RETRIES)} in container["env"]
 
-    class Source:  # the two map stages only read `.dataset`
-        dataset = __import__("ray.data").data.from_items([{"key": "k", "uri": "/in/a.png"}])
-
-    plan = build_dataset(spec, Source())._logical_plan.dag
+    partitions = [Partition("/in#files-0", "files", "/in", ("/in/a.png",))]
+    plan = build_dataset(spec, ReadPlan(partitions, {}, ledger=None))._logical_plan.dag
     predict, decode = plan, plan.input_dependencies[0]
+    read = decode.input_dependencies[0].input_dependencies[0]  # read → repartition → decode
+    assert read.ray_remote_args["max_retries"] == TASK_RETRIES
     assert decode.ray_remote_args["max_retries"] == TASK_RETRIES
     assert predict.ray_remote_args["max_restarts"] == TASK_RETRIES
     assert predict.ray_remote_args["max_task_retries"] == TASK_RETRIES

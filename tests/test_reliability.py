@@ -143,8 +143,11 @@ def test_stalled_model_call_fails_the_job_with_its_reason(tmp_path: Path) -> Non
     assert not (tmp_path / "out" / SUCCESS_FILE).exists()
 
 
-def test_sigkill_then_rerun_commits_every_key_exactly_once(tmp_path: Path) -> None:
-    inputs = write_images(tmp_path / "in", 48)
+def test_sigkill_then_rerun_commits_every_key_exactly_once_and_rereads_only_unfinished_partitions(
+    tmp_path: Path,
+) -> None:
+    folders = [f"f{i:02d}" for i in range(12)]  # one input partition each (a folder under input.uri)
+    inputs = sorted(p for folder in folders for p in write_images(tmp_path / "in" / folder, 4))
     spec = spec_for(
         tmp_path,
         "batchinfer_job.fault_predictors:SlowPredictor",
@@ -161,14 +164,21 @@ def test_sigkill_then_rerun_commits_every_key_exactly_once(tmp_path: Path) -> No
     proc.wait(30)
     os.killpg(proc.pid, signal.SIGKILL)  # then its orphaned Ray processes
     store = OutputStore(resolve(str(tmp_path / "out")))
-    before = store.committed_keys(store.committed_shards())
+    before = [k for s in store.committed_shards() for k in store.keys_of(s)]
     assert 12 <= len(before) < len(inputs) and not (tmp_path / "out" / SUCCESS_FILE).exists()
+    done = {f for f in folders if sum(Path(k).parent.name == f for k in before) == 4}
+    assert done, "no folder was finished before the kill; the test would prove nothing"
 
     rerun = run_local(spec, on_progress=None)  # the same job: it resumes
     assert rerun.resumed == len(before)
     assert rerun.processed == len(inputs) - len(before)
+    read = {Path(p.rstrip("/")).name for p in rerun.partitions_read}
+    assert read == set(folders) - done  # finished partitions are not read again
     keys = read_committed(str(tmp_path / "out"), ["key"])["key"].to_pylist()
     assert sorted(keys) == inputs  # none missing, none twice
+    manifest = json.loads((tmp_path / "out" / SUCCESS_FILE).read_text())
+    assert [p["rows"] for p in manifest["partitions"]] == [4] * 12
+    assert manifest["attempt"]["partitionsRead"] == len(read)
 
 
 def test_overlapping_attempts_still_give_each_key_exactly_once(tmp_path: Path) -> None:

@@ -4,11 +4,14 @@ Layout under `output.uri`:
 - `part-<run>-<seq>.parquet`  prediction shards (a run is one attempt);
 - `_errors/part-<run>-<seq>.parquet`  dead letters of that shard (key, stage, error_type, message);
 - `_shards/part-<run>-<seq>.json`  the shard's commit record, written *after* its data: a data file without
-  one is an unfinished write and is never read;
+  one is an unfinished write and is never read. It says which input partition each row came from (`runs`: the
+  shard's rows in order as [partition, rows] runs), each partition's rows and key digest in it (`partitions`),
+  and the partitions whose reading had finished by then, with their full rows and digest (`listed`);
 - `_job.json`  which job the output belongs to (a fingerprint of model, input and output settings), so a
   retried or rerun attempt of the same job resumes instead of starting over;
-- `_SUCCESS.json`  written last: counts and the list of shards in which every input key appears exactly
-  once. When attempts overlapped, a shard that repeats keys is rewritten without them first.
+- `_SUCCESS.json`  written last: counts, the list of shards, and per input partition its rows and key digest,
+  equal to what was read: every input exactly once, proved per partition without gathering keys. When attempts
+  overlapped (a partition holds more rows than it has), the shards holding its repeats are rewritten without them.
 
 Readers follow `_SUCCESS.json` (`read_committed`).
 """
@@ -18,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -26,7 +31,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchinfer_job import storage
-from batchinfer_job.outputs import DEAD_LETTER_SCHEMA, PREDICTION_SCHEMA, dead_letters
+from batchinfer_job.digest import add_digests, key_digest
+from batchinfer_job.outputs import DEAD_LETTER_SCHEMA, PARTITION_COLUMN, PREDICTION_SCHEMA, dead_letters
 from batchinfer_job.spec import BatchInferenceSpec
 
 SUCCESS_FILE = "_SUCCESS.json"
@@ -52,16 +58,51 @@ def is_own_file(relative: str) -> bool:
     return bool(_OWN_FILE.match(relative))
 
 
+LAYOUT = 2  # 2: commit records carry partitions; outputs of layout 1 are not resumed (a new job fingerprint)
+
+
 @dataclass(frozen=True)
 class Shard:
     file: str
     rows: int
     failed: int
     supersedes: str | None = None  # a shard rewritten without repeated keys replaces the original
+    runs: list[list[Any]] = field(default_factory=list)  # [partition, rows] in row order
+    partitions: dict[str, list[Any]] = field(default_factory=dict)  # partition → [rows, digest hex]
+    listed: dict[str, list[Any]] = field(default_factory=dict)  # partitions fully read by then → [rows, digest]
 
     @property
     def name(self) -> str:
         return self.file.removesuffix(".parquet")
+
+    def spans(self) -> Iterator[tuple[str, int, int]]:
+        """(partition, first row, rows) of each run."""
+        first = 0
+        for partition, rows in self.runs:
+            yield partition, first, rows
+            first += rows
+
+
+def _runs(partitions: list[str]) -> list[list[Any]]:
+    runs: list[list[Any]] = []
+    for partition in partitions:
+        if runs and runs[-1][0] == partition:
+            runs[-1][1] += 1
+        else:
+            runs.append([partition, 1])
+    return runs
+
+
+def partition_stats(keys: list[str], runs: list[list[Any]]) -> dict[str, list[Any]]:
+    """Per partition: rows and the digest of its keys, from a shard's keys and runs."""
+    rows: dict[str, int] = defaultdict(int)
+    digests: dict[str, int] = defaultdict(int)
+    first = 0
+    for partition, count in runs:
+        rows[partition] += count
+        digests[partition] = add_digests(digests[partition], key_digest(keys[first : first + count]))
+        first += count
+    return {p: [rows[p], f"{digests[p]:016x}"] for p in rows}
 
 
 def job_fingerprint(spec: BatchInferenceSpec) -> str:
@@ -70,6 +111,7 @@ def job_fingerprint(spec: BatchInferenceSpec) -> str:
         "model": spec.model.model_dump(mode="json"),
         "input": spec.input.model_dump(mode="json"),
         "output": spec.output.model_dump(mode="json", exclude={"mode"}),
+        "layout": LAYOUT,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -141,19 +183,31 @@ class OutputStore:
         table = pq.read_table(self.location.child(shard.file).path, columns=["key"], filesystem=self.location.arrow_fs)
         return table["key"].to_pylist()
 
-    def committed_keys(self, shards: list[Shard]) -> set[str]:
-        return {key for shard in shards for key in self.keys_of(shard)}
+    def write_shard(
+        self, name: str, table: pa.Table, supersedes: str | None = None, listed: dict[str, list[Any]] | None = None
+    ) -> Shard:
+        """Data, then dead letters, then the commit record: a crash in between leaves no committed shard.
 
-    def write_shard(self, name: str, table: pa.Table, supersedes: str | None = None) -> Shard:
-        """Data, then dead letters, then the commit record: a crash in between leaves no committed shard."""
-        table = table.cast(PREDICTION_SCHEMA)
+        `table` carries the `partition` column (kept in the record as runs, not written to the shard).
+        """
+        partitions = table[PARTITION_COLUMN].to_pylist()
+        table = table.drop_columns([PARTITION_COLUMN]).cast(PREDICTION_SCHEMA)
         fs = self.location.arrow_fs
         pq.write_table(table, self.location.child(f"{name}.parquet").path, filesystem=fs)
         failed = table.num_rows - pc.sum(pc.is_null(table["error"])).as_py()
         if failed:
             self._ensure(ERRORS_DIR)
             pq.write_table(dead_letters(table), self.location.child(f"{ERRORS_DIR}/{name}.parquet").path, filesystem=fs)
-        shard = Shard(file=f"{name}.parquet", rows=table.num_rows, failed=failed, supersedes=supersedes)
+        runs = _runs(partitions)
+        shard = Shard(
+            file=f"{name}.parquet",
+            rows=table.num_rows,
+            failed=failed,
+            supersedes=supersedes,
+            runs=runs,
+            partitions=partition_stats(table["key"].to_pylist(), runs),
+            listed=listed or {},
+        )
         self._ensure(SHARDS_DIR)
         storage.write_json(self.location.child(f"{SHARDS_DIR}/{name}.json"), asdict(shard))
         return shard
@@ -161,33 +215,121 @@ class OutputStore:
     def _ensure(self, folder: str) -> None:
         storage.ensure_folder(self.location.child(folder))
 
-    def exactly_once(self, run_id: str) -> tuple[list[Shard], list[str]]:
-        """Committed shards chosen so that each key appears once (overlapping shards rewritten without
-        repeats), and the keys they hold, in order."""
+    def _table_with_partitions(self, shard: Shard) -> pa.Table:
+        table = pq.read_table(self.location.child(shard.file).path, filesystem=self.location.arrow_fs)
+        partitions = [p for p, rows in shard.runs for _ in range(rows)]
+        return table.append_column(PARTITION_COLUMN, pa.array(partitions, pa.string()))
+
+    def exactly_once(self, run_id: str, expected: dict[str, list[Any]]) -> Coverage:
+        """Committed shards chosen so that each partition holds each of its keys once, checked against
+        `expected` (partition → [rows, digest] as read).
+
+        Only partitions holding more rows than they have (attempts that overlapped) cost key reads: the shards
+        holding their rows are rewritten without repeats, keeping a set of those partitions' keys only.
+        """
+        shards = self.committed_shards()
+        coverage = Coverage.of(shards)
+        over = {p for p, (rows, _) in coverage.committed.items() if p in expected and rows > expected[p][0]}
+        if over:
+            shards = self._without_repeats(shards, over, run_id)
+            coverage = Coverage.of(shards)
+        coverage.check(expected)
+        return coverage
+
+    def _without_repeats(self, shards: list[Shard], over: set[str], run_id: str) -> list[Shard]:
+        seen: dict[str, set[str]] = defaultdict(set)
         chosen: list[Shard] = []
-        kept: list[str] = []
-        seen: set[str] = set()
-        for shard in self.committed_shards():
-            keys = self.keys_of(shard)
-            repeated = [k in seen for k in keys]
-            if not any(repeated):
+        for shard in shards:
+            if not over.intersection(shard.partitions):
                 chosen.append(shard)
-                kept.extend(keys)
-            elif not all(repeated):
-                table = pq.read_table(self.location.child(shard.file).path, filesystem=self.location.arrow_fs)
-                keep = pa.array([not r for r in repeated])
-                rewritten = self.write_shard(f"{shard.name}-dedup-{run_id}", table.filter(keep), supersedes=shard.file)
-                chosen.append(rewritten)
-                kept.extend(k for k, r in zip(keys, repeated, strict=True) if not r)
-            seen.update(keys)
-        return chosen, kept
+                continue
+            keys = self.keys_of(shard)
+            keep = []
+            for partition, first, rows in shard.spans():
+                for key in keys[first : first + rows]:
+                    repeat = partition in over and key in seen[partition]
+                    keep.append(not repeat)
+                    if partition in over:
+                        seen[partition].add(key)
+            if all(keep):
+                chosen.append(shard)
+            elif any(keep):
+                table = self._table_with_partitions(shard).filter(pa.array(keep))
+                name = f"{shard.name}-dedup-{run_id}"
+                chosen.append(self.write_shard(name, table, supersedes=shard.file, listed=shard.listed))
+        return chosen
 
     def write_success(self, manifest: dict[str, Any]) -> None:
         storage.write_json(self.location.child(SUCCESS_FILE), manifest)
 
 
+class CoverageError(RuntimeError):
+    """The committed output does not hold every input exactly once."""
+
+
+@dataclass
+class Coverage:
+    """Committed shards and, per input partition, the rows and key digest they hold."""
+
+    shards: list[Shard]
+    committed: dict[str, list[Any]]  # partition → [rows, digest int]
+
+    @classmethod
+    def of(cls, shards: list[Shard]) -> Coverage:
+        committed: dict[str, list[Any]] = {}
+        for shard in shards:
+            for partition, (rows, digest) in shard.partitions.items():
+                before = committed.get(partition, [0, 0])
+                committed[partition] = [before[0] + rows, add_digests(before[1], int(digest, 16))]
+        return cls(shards, committed)
+
+    def check(self, expected: dict[str, list[Any]]) -> None:
+        """CoverageError unless every partition holds exactly the rows and digest it was read with."""
+        wrong = []
+        for partition, (rows, digest) in expected.items():
+            got_rows, got_digest = self.committed.get(partition, [0, 0])
+            if got_rows != rows or got_digest != int(digest, 16):
+                wrong.append(f"{partition} ({got_rows} of {rows} rows" + (")" if got_rows != rows else ", other keys)"))
+        foreign = sorted(set(self.committed) - set(expected))
+        problems = []
+        if wrong:
+            shown = "; ".join(wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+            problems.append(f"{len(wrong)} partitions differ from what was read: {shown}")
+        if foreign:
+            problems.append(f"rows of partitions no longer among the inputs: {foreign[:3]}")
+        if problems:
+            raise CoverageError(
+                f"committed output does not cover the inputs exactly once: {'; '.join(problems)}; rerun to resume"
+            )
+
+    def spans(self) -> dict[str, list[list[Any]]]:
+        """Per partition, where its committed rows are: [shard file, first row, rows] spans."""
+        spans: dict[str, list[list[Any]]] = defaultdict(list)
+        for shard in self.shards:
+            for partition, first, rows in shard.spans():
+                spans[partition].append([shard.file, first, rows])
+        return spans
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def failed(self) -> int:
+        return sum(s.failed for s in self.shards)
+
+
+def listed_partitions(shards: list[Shard]) -> dict[str, list[Any]]:
+    """Every partition an attempt finished reading, as its commit records say: partition → [rows, digest]."""
+    listed: dict[str, list[Any]] = {}
+    for shard in shards:
+        listed.update(shard.listed)
+    return listed
+
+
 def shards_payload(shards: list[Shard]) -> list[dict[str, Any]]:
-    return [asdict(s) for s in shards]
+    """What `_SUCCESS.json` lists per shard (the per-partition detail stays in the commit records)."""
+    return [{"file": s.file, "rows": s.rows, "failed": s.failed, "supersedes": s.supersedes} for s in shards]
 
 
 def read_committed(output_uri: str, columns: list[str] | None = None) -> pa.Table:

@@ -105,15 +105,17 @@ def decode_batch(
 ) -> dict[str, Any]:
     """Read (when rows carry `uri`) and decode a batch.
 
-    In: `key` and either `uri` (any supported storage) or `bytes`.
-    Out: `key`, `image` uint8 (N, crop, crop, 3), `error` ("" on success: an all-null column would not
-    survive Ray's Arrow round trip as strings).
+    In: `key`, either `uri` (any supported storage) or `bytes`, optionally `error` (the read task's) and
+    `partition` (passed through). Out: `key`, `image` uint8 (N, crop, crop, 3), `error` ("" on success: an
+    all-null column would not survive Ray's Arrow round trip as strings), and `partition` when it came in.
     """
     keys = batch["key"]
     count = len(keys)
     images = np.zeros((count, preprocess.crop, preprocess.crop, 3), dtype=np.uint8)
-    errors: list[str] = [""] * count
+    errors: list[str] = [error_or_none(e) or "" for e in batch["error"]] if "error" in batch else [""] * count
     for i in range(count):
+        if errors[i]:
+            continue
         try:
             data = storage.read_uri(batch["uri"][i], max_bytes) if "uri" in batch else batch["bytes"][i]
         except OSError as err:
@@ -129,7 +131,10 @@ def decode_batch(
             images[i] = decode_image(bytes(data), preprocess, max_pixels)
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError, MemoryError) as err:
             errors[i] = _error("decode", err)
-    return {"key": np.asarray(keys, dtype=object), "image": images, "error": np.asarray(errors, dtype=object)}
+    out = {"key": np.asarray(keys, dtype=object), "image": images, "error": np.asarray(errors, dtype=object)}
+    if "partition" in batch:
+        out["partition"] = batch["partition"]
+    return out
 
 
 def error_or_none(value: object) -> str | None:

@@ -1,121 +1,172 @@
-"""Input sources: list image files under a prefix, or rows of Parquet files, as a Ray Dataset.
+"""The input plan: the job's inputs cut into partitions, listed on the driver without reading any row.
 
-Every row carries `key` (stable identity of the input) and either `uri` (to read) or `bytes`. Inputs are
-listed (`list_inputs`) before anything is written or deleted, then opened (`open_source`) minus what an
-earlier attempt already committed.
+A partition is the unit of reading, resume and exactly-once bookkeeping (see `reading` and `commit`):
+- `prefix`: a folder directly under an `images` input.uri, listed recursively by a read task on a worker;
+- `files`: a page of up to PAGE_FILES image files that sit directly in input.uri (the driver lists one level);
+- `parquet`: one Parquet file, read in record batches by a read task;
+- `manifest`: a byte range of a manifest file (one URI per line, or JSON lines), so no listing at all.
+
+The driver keeps one small record per partition, never a row: 10x the inputs costs the driver 10x the
+partitions (files or folders), not 10x the rows. Partition ids are stable across attempts of one job as long as
+the inputs do not change.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray.data
 
 from batchinfer_job import storage
 from batchinfer_job.spec import InputSpec
+
+PAGE_FILES = 1024  # image files per `files` partition
+MANIFEST_CHUNK_BYTES = 8 * 2**20  # ~100,000 URIs of 80 bytes per `manifest` partition
+MANIFEST_SUFFIXES = (".txt", ".lst", ".manifest", ".jsonl")
 
 
 class InputError(ValueError):
     """The inputs cannot be read as input.* describes."""
 
 
-@dataclass
-class InputTable:
-    """Every input of the job (`key` + `uri` or `bytes`), and the files passed over, by reason."""
+@dataclass(frozen=True)
+class Partition:
+    """What one read task reads. `cap`: only the first `cap` rows (input.limit)."""
 
-    table: pa.Table
+    id: str
+    kind: str  # prefix | files | parquet | manifest
+    uri: str  # the folder, the Parquet file or the manifest file
+    names: tuple[str, ...] = ()  # kind=files: the files' URIs
+    start: int = 0  # kind=manifest: byte range [start, end)
+    end: int = 0
+    cap: int | None = None
+
+    def as_row(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "uri": self.uri, "names": list(self.names), "start": self.start,
+                "end": self.end, "cap": -1 if self.cap is None else self.cap}  # fmt: skip
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Partition:
+        cap = int(row["cap"])
+        return cls(str(row["id"]), str(row["kind"]), str(row["uri"]), tuple(str(n) for n in row["names"]),
+                   int(row["start"]), int(row["end"]), None if cap < 0 else cap)  # fmt: skip
+
+
+@dataclass
+class InputPlan:
+    """Every partition of the job, in order, and what the driver's listing passed over, by reason."""
+
+    partitions: list[Partition]
     skipped: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def all_keys(self) -> list[str]:
-        return self.table["key"].to_pylist()
 
-
-@dataclass
-class InputSource:
-    """The inputs still to process (`dataset`, `total`) and every input of the job (`all_keys`)."""
-
-    dataset: ray.data.Dataset | None
-    total: int
-    all_keys: list[str]
-    skipped: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def all_total(self) -> int:
-        return len(self.all_keys)
-
-
-def _image_table(spec: InputSpec) -> InputTable:
+def _images_plan(spec: InputSpec) -> InputPlan:
     location = storage.resolve(spec.uri)
-    listing = storage.list_inputs(location, storage.IMAGE_SUFFIXES)
-    paths = listing.paths if spec.limit is None else listing.paths[: spec.limit]
-    uris = [location.uri_of(p) for p in paths]
-    return InputTable(
-        pa.table({"key": pa.array(uris, pa.string()), "uri": pa.array(uris, pa.string())}), listing.skipped
-    )
+    if not location.fs.exists(location.path):
+        raise storage.StorageError(f"input.uri {spec.uri!r} does not exist; check the path and credentials")
+    if location.fs.isfile(location.path):
+        listing = storage.list_inputs(location, storage.IMAGE_SUFFIXES)
+        return InputPlan(_pages(location, [location.uri_of(p) for p in listing.paths]), listing.skipped)
+    top = storage.list_top_level(location, storage.IMAGE_SUFFIXES)
+    partitions = [Partition(f"{location.uri_of(p)}/", "prefix", location.uri_of(p)) for p in top.folders]
+    partitions += _pages(location, [location.uri_of(p) for p in top.paths])
+    return InputPlan(partitions, top.skipped)
 
 
-def _parquet_table(spec: InputSpec) -> InputTable:
+def _pages(location: storage.Location, uris: list[str]) -> list[Partition]:
+    pages = [tuple(uris[i : i + PAGE_FILES]) for i in range(0, len(uris), PAGE_FILES)]
+    return [Partition(f"{location.uri}#files-{n}", "files", location.uri, page) for n, page in enumerate(pages)]
+
+
+def _parquet_plan(spec: InputSpec) -> InputPlan:
     location = storage.resolve(spec.uri)
     listing = storage.list_inputs(location, (".parquet",))
     if not listing.paths:
         raise InputError(f"input.uri {spec.uri!r} holds no .parquet files; check input.format")
-    wanted = [c for c in (spec.keyColumn, spec.imageColumn, spec.pathColumn) if c]
-    tables = []
+    check_parquet_columns(spec, location, listing.paths[0])  # the common mistake fails before anything runs
+    partitions = [Partition(location.uri_of(p), "parquet", location.uri_of(p)) for p in listing.paths]
+    return InputPlan(partitions, listing.skipped)
+
+
+def wanted_columns(spec: InputSpec) -> list[str]:
+    return [c for c in (spec.keyColumn, spec.imageColumn, spec.pathColumn) if c]
+
+
+def check_parquet_columns(spec: InputSpec, location: storage.Location, path: str) -> None:
+    schema = pq.read_schema(path, filesystem=location.arrow_fs)
+    missing = [c for c in wanted_columns(spec) if c not in schema.names]
+    if missing:
+        raise InputError(
+            f"input columns {missing} not in {location.uri_of(path)} (has {schema.names}); "
+            "fix input.imageColumn/pathColumn/keyColumn"
+        )
+
+
+def _manifest_plan(spec: InputSpec) -> InputPlan:
+    location = storage.resolve(spec.uri)
+    listing = storage.list_inputs(location, MANIFEST_SUFFIXES)
+    if not listing.paths:
+        raise InputError(
+            f"input.uri {spec.uri!r} holds no manifest files ({' '.join(MANIFEST_SUFFIXES)}); check input.format"
+        )
+    partitions = []
     for path in listing.paths:
-        schema = pq.read_schema(path, filesystem=location.arrow_fs)
-        missing = [c for c in wanted if c not in schema.names]
-        if missing:
-            raise InputError(
-                f"input columns {missing} not in {location.uri_of(path)} (has {schema.names}); "
-                "fix input.imageColumn/pathColumn/keyColumn"
-            )
-        table = pq.read_table(path, columns=wanted, filesystem=location.arrow_fs)
-        if spec.keyColumn:
-            keys = pc.cast(table[spec.keyColumn], pa.string())
-        elif spec.pathColumn:
-            keys = pc.cast(table[spec.pathColumn], pa.string())
-        else:
-            keys = pa.array([f"{location.uri_of(path)}#{i}" for i in range(table.num_rows)])
-        body = table[spec.imageColumn] if spec.imageColumn else pc.cast(table[spec.pathColumn], pa.string())
-        tables.append(pa.table({"key": keys, "bytes" if spec.imageColumn else "uri": body}))
-    table = pa.concat_tables(tables)
-    if spec.limit is not None:
-        table = table.slice(0, spec.limit)
-    return InputTable(table, listing.skipped)
+        size, uri = int(location.fs.size(path)), location.uri_of(path)
+        for start in range(0, max(size, 1), MANIFEST_CHUNK_BYTES):
+            end = min(start + MANIFEST_CHUNK_BYTES, size)
+            partitions.append(Partition(f"{uri}#bytes={start}-{end}", "manifest", uri, start=start, end=end))
+    return InputPlan(partitions, listing.skipped)
 
 
-def list_inputs(spec: InputSpec) -> InputTable:
-    """Every input of the job; InputError when there are none or keys repeat."""
-    inputs = _image_table(spec) if spec.format == "images" else _parquet_table(spec)
-    if inputs.table.num_rows == 0:
-        skipped = "; ".join(f"{n} {reason}" for reason, n in inputs.skipped.items())
+_PLANNERS: dict[str, Callable[[InputSpec], InputPlan]] = {
+    "images": _images_plan,
+    "parquet": _parquet_plan,
+    "manifest": _manifest_plan,
+}
+
+
+def plan_inputs(spec: InputSpec, count_rows: Callable[[Partition], Iterable[int]] | None = None) -> InputPlan:
+    """Every partition of the job; InputError when there are none.
+
+    With input.limit, `count_rows(partition)` (the reader's own row counts, batch by batch) finds where the limit
+    falls: the partitions after it are dropped and the one it falls in gets a `cap`.
+    """
+    plan = _PLANNERS[spec.format](spec)
+    if not plan.partitions:
+        skipped = "; ".join(f"{n} {reason}" for reason, n in plan.skipped.items())
         raise InputError(
             f"input.uri {spec.uri!r} holds no inputs of format {spec.format!r}"
             + (f" (skipped: {skipped})" if skipped else "")
         )
-    keys = inputs.all_keys
-    duplicates = len(keys) - len(set(keys))
-    if duplicates:
-        raise InputError(f"{duplicates} duplicate input keys; give input.keyColumn a unique column")
-    return inputs
+    if spec.limit is not None:
+        if count_rows is None:
+            raise ValueError("input.limit needs count_rows")
+        plan.partitions = _limited(plan.partitions, spec.limit, count_rows)
+    return plan
 
 
-def open_source(inputs: InputTable, rows_per_block: int, skip: set[str] | None = None) -> InputSource:
-    """The input rows not in `skip` as a Ray Dataset of `rows_per_block`-row blocks.
+def _limited(partitions: list[Partition], limit: int, count_rows: Callable[[Partition], Iterable[int]]) -> list:
+    kept: list[Partition] = []
+    left = limit
+    for partition in partitions:
+        rows = 0
+        for rows_in_batch in count_rows(partition):
+            rows += rows_in_batch
+            if rows >= left:
+                return [*kept, replace(partition, cap=left)]
+        if rows:
+            kept.append(partition)
+            left -= rows
+    return kept
 
-    One model batch per block: Ray Data hands a block's results downstream together, so small blocks let
-    predictions stream back (and commit, and show progress) batch by batch.
-    """
-    table, keys = inputs.table, inputs.all_keys
-    if skip:
-        table = table.filter(pa.array([key not in skip for key in keys]))
-    if table.num_rows == 0:
-        return InputSource(dataset=None, total=0, all_keys=keys, skipped=inputs.skipped)
-    blocks = math.ceil(table.num_rows / rows_per_block)
-    dataset = ray.data.from_arrow([table.slice(i * rows_per_block, rows_per_block) for i in range(blocks)])
-    return InputSource(dataset=dataset, total=table.num_rows, all_keys=keys, skipped=inputs.skipped)
+
+def relative_uri(manifest_uri: str, line: str) -> str:
+    """A manifest line as a URI: absolute URIs and paths as written, relative paths next to the manifest."""
+    if "://" in line or line.startswith("/"):
+        return line
+    folder = manifest_uri.rsplit("/", 1)[0] if "/" in manifest_uri else "."
+    joined = f"{folder}/{line}"
+    return joined if "://" in joined else os.path.normpath(joined)

@@ -69,8 +69,7 @@ def start_local_ray(num_cpus: int | None = None) -> None:
 def console_progress(report: ProgressReport) -> None:
     eta = f"{report.eta_seconds:.0f}s" if report.eta_seconds is not None else "?"
     print(
-        f"progress processed={report.processed}/{report.total} failed={report.failed} "
-        f"rows_per_s={report.rows_per_second:.1f} eta={eta}",
+        f"progress processed={report.display} failed={report.failed} rows_per_s={report.rows_per_second:.1f} eta={eta}",
         file=sys.stderr,
         flush=True,
     )

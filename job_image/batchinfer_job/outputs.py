@@ -21,6 +21,8 @@ PREDICTION_SCHEMA = pa.schema(
 )
 
 
+PARTITION_COLUMN = "partition"  # rides along from the read task to the driver; never written to a shard
+
 DEAD_LETTER_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),

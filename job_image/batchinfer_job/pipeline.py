@@ -1,9 +1,11 @@
-"""The inference pipeline: inputs → decode (CPU tasks) → predict (actor pool) → shards → `_SUCCESS.json`.
+"""The inference pipeline: partitions → read (tasks) → decode (CPU tasks) → predict (actor pool) → shards →
+`_SUCCESS.json`.
 
-Predictions stream back to the driver, which commits them as shards (see `commit`): rows are small (a key,
-classes, scores), so the driver sees every row once, counts progress exactly, enforces the error policy
-and the stall timeout, and commits output in order. Inputs already committed by an earlier attempt of the
-same job are skipped.
+The driver plans partitions (`inputs`) and never holds an input row: read tasks list folders and read Parquet and
+manifests on the workers (`reading`). Predictions stream back to the driver, which commits them as shards (see
+`commit`): rows are small (a key, classes, scores), so the driver sees every row once, counts progress exactly,
+enforces the error policy and the stall timeout, and commits output in order. Partitions an earlier attempt of the
+same job finished are not read again; partly done ones are read and filtered by their own committed keys.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import ray.data
 
-from batchinfer_job import commit, inputs, storage
+from batchinfer_job import commit, inputs, reading, storage
 from batchinfer_job.decode import decode_batch
 from batchinfer_job.models import preprocess_for
 from batchinfer_job.predictor import (
@@ -32,12 +34,13 @@ from batchinfer_job.predictor import (
     load_predictor_class,
 )
 from batchinfer_job.progress import ProgressReport
-from batchinfer_job.spec import BatchInferenceSpec, ErrorPolicySpec
+from batchinfer_job.spec import BatchInferenceSpec, ErrorPolicySpec, InputSpec
 
 SHARD_SECONDS = 20.0
 TASK_RETRIES = 3  # per decode task and model actor, also when the OOM killer ends them (see local.py)
 _DECODE_BYTES_PER_IMAGE = 4 * 2**20  # a large photo decoded at full size, its bytes and its crop
 _DECODE_BASE_BYTES = 256 * 2**20  # the worker process: interpreter, Ray, pyarrow and PIL (no torch)
+READ_CPUS = 0.25  # a read task mostly waits on storage; a small share keeps it from queueing behind decode
 
 
 def decode_task_memory(batch_size: int) -> int:
@@ -68,6 +71,7 @@ class RunResult:
     manifest: dict
     label_counts: Counter = field(default_factory=Counter)
     skipped: dict[str, int] = field(default_factory=dict)  # files under input.uri that are not inputs
+    partitions_read: list[str] = field(default_factory=list)  # input partitions this attempt read
     time_to_first_row: float | None = None  # seconds from the job's start to its first committed row
     steady_rows_per_second: float | None = None  # throughput after the first committed shard
 
@@ -82,21 +86,44 @@ def default_batch_size(spec: BatchInferenceSpec) -> int:
     return 64 if spec.compute.gpusPerActor > 0 else 16
 
 
-def build_dataset(spec: BatchInferenceSpec, source: inputs.InputSource) -> ray.data.Dataset:
-    """The lazy Ray Data plan: decode on CPU tasks, predict on the actor pool."""
+@dataclass(frozen=True)
+class ReadPlan:
+    """What this attempt reads: partitions, where their already committed rows are, and the job's ledger."""
+
+    partitions: list[inputs.Partition]
+    done_spans: dict[str, list[list]]  # partition → [shard URI, first row, rows] committed earlier
+    ledger: object  # a reading.PartitionLedger actor
+
+
+def build_dataset(spec: BatchInferenceSpec, plan: ReadPlan) -> ray.data.Dataset:
+    """The lazy Ray Data plan: read partitions and decode on CPU tasks, predict on the actor pool."""
     with warnings.catch_warnings():
         # Ray 2.60 deprecates the remote-args keywords (max_retries, max_restarts) without a replacement yet;
         # they are the only way to make retries finite, so the warning is silenced here, and only here.
         warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
-        return _build_dataset(spec, source)
+        return _build_dataset(spec, plan)
 
 
-def _build_dataset(spec: BatchInferenceSpec, source: inputs.InputSource) -> ray.data.Dataset:
+def read_rows(input_spec: InputSpec, plan: ReadPlan, rows_per_block: int) -> ray.data.Dataset:
+    """Input rows, read by one task per partition, in blocks of one model batch (so decode runs in parallel
+    and predictions stream back batch by batch)."""
+    partitions = ray.data.from_items([p.as_row() for p in plan.partitions], override_num_blocks=len(plan.partitions))
+    rows = partitions.map_batches(
+        reading.read_partitions,  # type: ignore[arg-type]  # Ray's UDF type wants positional-only batches
+        fn_kwargs={"spec": input_spec, "ledger": plan.ledger, "done": plan.done_spans},
+        batch_size=1,
+        num_cpus=READ_CPUS,
+        max_retries=TASK_RETRIES,
+    )
+    return rows.repartition(target_num_rows_per_block=rows_per_block)
+
+
+def _build_dataset(spec: BatchInferenceSpec, plan: ReadPlan) -> ray.data.Dataset:
     compute = spec.compute
     batch_size = default_batch_size(spec)
-    if source.dataset is None:
-        raise ValueError("build_dataset needs inputs left to process")
-    decoded = source.dataset.map_batches(
+    if not plan.partitions:
+        raise ValueError("build_dataset needs partitions left to read")
+    decoded = read_rows(spec.input, plan, batch_size).map_batches(
         decode_batch,  # type: ignore[arg-type]  # Ray's UDF type wants positional-only batches
         fn_kwargs={
             "preprocess": preprocess_for(spec.model),
@@ -134,12 +161,15 @@ def _build_dataset(spec: BatchInferenceSpec, source: inputs.InputSource) -> ray.
     )
 
 
-def check_error_policy(policy: ErrorPolicySpec, failed: int, total: int) -> None:
-    """Raise once the error rows so far cross a threshold (failed only grows, so crossing is final)."""
+def check_error_policy(policy: ErrorPolicySpec, failed: int, total: int | None) -> None:
+    """Raise once the error rows so far cross a threshold (failed only grows, so crossing is final).
+
+    maxFailedPercent needs the total: it is checked once every partition has been read (and at the end).
+    """
     if policy.maxFailedRecords is not None and failed > policy.maxFailedRecords:
         raise ErrorThresholdExceededError(
             f"{failed} error rows exceed errorPolicy.maxFailedRecords={policy.maxFailedRecords} "
-            f"({failed} of {total} inputs failed so far); see <output>/_errors/"
+            f"({failed} of {'?' if total is None else total} inputs failed so far); see <output>/_errors/"
         )
     if policy.maxFailedPercent is not None and total and 100.0 * failed / total > policy.maxFailedPercent:
         raise ErrorThresholdExceededError(
@@ -212,20 +242,75 @@ class Timing:
         return (processed - self.first_shard_rows) / (self.end - self.first_shard_at)
 
 
+@dataclass
+class Ledger:
+    """The driver's view of which partitions are read: earlier attempts' records plus this attempt's ledger."""
+
+    partitions: list[str]  # every partition of the job, in order
+    earlier: dict[str, list]  # partition → [rows, digest] read by earlier attempts
+    actor: object  # reading.PartitionLedger
+    read: dict[str, list] = field(default_factory=dict)  # read by this attempt
+    skipped: dict[str, int] = field(default_factory=dict)
+    recorded: set[str] = field(default_factory=set)  # partitions already written into a commit record
+
+    def refresh(self) -> None:
+        """Fetch this attempt's records; InputError for a partition that could not be read."""
+        self.read, self.skipped, problems = ray.get(self.actor.snapshot.remote())  # type: ignore[attr-defined]
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise inputs.InputError(problems[0] + more)
+
+    def expected(self) -> dict[str, list]:
+        """partition → [rows, digest] of every partition read so far (this attempt's reading wins)."""
+        return {p: self.read.get(p) or self.earlier[p] for p in self.partitions if p in self.read or p in self.earlier}
+
+    def total(self) -> int | None:
+        """Rows of the whole job, once every partition is read (until then, None: progress shows n/?)."""
+        expected = self.expected()
+        return sum(r[0] for r in expected.values()) if len(expected) == len(self.partitions) else None
+
+    def newly_read(self) -> dict[str, list]:
+        """Partitions read since the last commit record, to go into the next one (a resumed run skips them)."""
+        new = {p: r for p, r in self.read.items() if p not in self.recorded}
+        self.recorded.update(new)
+        return new
+
+
+def plan_reading(spec: BatchInferenceSpec, partitions: list[inputs.Partition], store: commit.OutputStore,
+                 earlier: list[commit.Shard]) -> tuple[ReadPlan, Ledger]:  # fmt: skip
+    """Skip partitions an earlier attempt finished; read the rest, minus their committed rows."""
+    listed = commit.listed_partitions(earlier)
+    before = commit.Coverage.of(earlier)
+    spans = before.spans()
+    todo = []
+    for partition in partitions:
+        if partition.id in listed and before.committed.get(partition.id) == _as_int(listed[partition.id]):
+            continue  # every row of it is committed: not read again
+        todo.append(partition)
+    done = {p.id: [[store.location.child(f).uri, a, n] for f, a, n in spans[p.id]] for p in todo if p.id in spans}
+    actor = reading.PartitionLedger.remote()  # type: ignore[attr-defined]
+    ledger = Ledger([p.id for p in partitions], {p: r for p, r in listed.items()}, actor)
+    ledger.recorded.update(listed)
+    return ReadPlan(todo, done, actor), ledger
+
+
+def _as_int(record: list) -> list:
+    return [record[0], int(record[1], 16)]
+
+
 def run_pipeline(spec: BatchInferenceSpec, on_progress: Callable[[ProgressReport], None] | None = None) -> RunResult:
     """Run (or resume) one BatchInference to completion; raises on anything that is not a per-row error.
 
-    Inputs are listed before the output is touched: a job whose inputs cannot be read deletes nothing.
+    Inputs are planned before the output is touched: a job whose inputs cannot be listed deletes nothing.
     """
     started_at = datetime.now(UTC)
     start = time.monotonic()
     if spec.model.predictor is not None:
         load_predictor_class(spec.model.predictor)  # a wrong reference fails here, before Ray starts work
-    listed = inputs.list_inputs(spec.input)
+    input_plan = inputs.plan_inputs(spec.input, count_rows=lambda p: reading.count_rows(p, spec.input))
     store = commit.OutputStore(storage.resolve(spec.output.uri))
     earlier = store.prepare(spec.output.mode, commit.job_fingerprint(spec))
-    done_keys = store.committed_keys(earlier)
-    source = inputs.open_source(listed, rows_per_block=default_batch_size(spec), skip=done_keys)
+    plan, ledger = plan_reading(spec, input_plan.partitions, store, earlier)
     run_id = uuid.uuid4().hex[:8]
     counts = {"rows": sum(s.rows for s in earlier), "failed": sum(s.failed for s in earlier), "this_run": 0}
     labels: Counter = Counter()
@@ -234,12 +319,14 @@ def run_pipeline(spec: BatchInferenceSpec, on_progress: Callable[[ProgressReport
     first_shard: dict[str, float] = {}  # when this run committed its first shard, and how many rows it held
 
     def report() -> ProgressReport:
-        return ProgressReport(counts["rows"], counts["failed"], source.all_total, time.monotonic() - start)
+        return ProgressReport(counts["rows"], counts["failed"], ledger.total(), time.monotonic() - start)
 
     def flush() -> None:
         nonlocal pending, last_flush
+        ledger.refresh()
         if pending:
-            shard = store.write_shard(f"part-{run_id}-{counts['this_run']:09d}", pa.concat_tables(pending))
+            name = f"part-{run_id}-{counts['this_run']:09d}"
+            shard = store.write_shard(name, pa.concat_tables(pending), listed=ledger.newly_read())
             counts["rows"] += shard.rows
             counts["failed"] += shard.failed
             counts["this_run"] += shard.rows
@@ -248,12 +335,12 @@ def run_pipeline(spec: BatchInferenceSpec, on_progress: Callable[[ProgressReport
         pending, last_flush = [], time.monotonic()
         if on_progress:
             on_progress(report())
-        check_error_policy(spec.errorPolicy, counts["failed"], source.all_total)
+        check_error_policy(spec.errorPolicy, counts["failed"], ledger.total())
 
-    check_error_policy(spec.errorPolicy, counts["failed"], source.all_total)
-    if source.total:
+    check_error_policy(spec.errorPolicy, counts["failed"], ledger.total())
+    if plan.partitions:
         pending_rows = 0
-        for table in stream_tables(build_dataset(spec, source), spec.timeouts.stallSeconds):
+        for table in stream_tables(build_dataset(spec, plan), spec.timeouts.stallSeconds):
             if CONTRACT_ERROR_COLUMN in table.column_names:
                 raise PredictorContractError(table[CONTRACT_ERROR_COLUMN][0].as_py())
             pending.append(table)
@@ -264,39 +351,56 @@ def run_pipeline(spec: BatchInferenceSpec, on_progress: Callable[[ProgressReport
                 pending_rows = 0
     flush()
     timing = Timing(start, time.monotonic(), first_shard.get("at"), int(first_shard.get("rows", 0)))
-    return finish(spec, store, source, run_id, started_at, timing, counts["this_run"], labels)
+    skipped = _merged(input_plan.skipped, ledger.skipped)
+    return finish(spec, store, ledger, run_id, started_at, timing, counts["this_run"], labels, skipped)
+
+
+def _merged(*counts: dict[str, int]) -> dict[str, int]:
+    merged: Counter = Counter()
+    for count in counts:
+        merged.update(count)
+    return dict(merged)
 
 
 def finish(
     spec: BatchInferenceSpec,
     store: commit.OutputStore,
-    source: inputs.InputSource,
+    ledger: Ledger,
     run_id: str,
     started_at: datetime,
     timing: Timing,
     processed: int,
     labels: Counter,
+    skipped: dict[str, int],
 ) -> RunResult:
-    """Choose an exactly-once set of committed shards, check it covers every input, write `_SUCCESS.json`."""
-    shards, committed = store.exactly_once(run_id)
-    missing = set(source.all_keys) - set(committed)
-    if missing or len(committed) != len(set(committed)):
-        raise RuntimeError(
-            f"committed output does not cover the inputs exactly once: {len(missing)} missing, "
-            f"{len(committed) - len(set(committed))} repeated; rerun to resume"
+    """Check per partition that the committed shards hold every input exactly once, write `_SUCCESS.json`."""
+    expected = ledger.expected()
+    unread = [p for p in ledger.partitions if p not in expected]
+    if unread:
+        raise commit.CoverageError(f"{len(unread)} input partitions were never read (first: {unread[0]}); rerun")
+    total = sum(r[0] for r in expected.values())
+    if total == 0:
+        shown = "; ".join(f"{n} {reason}" for reason, n in skipped.items())
+        raise inputs.InputError(
+            f"input.uri {spec.input.uri!r} holds no inputs of format {spec.input.format!r}"
+            + (f" (skipped: {shown})" if shown else "")
         )
-    total, failed = len(committed), sum(s.failed for s in shards)
+    coverage = store.exactly_once(run_id, expected)
+    failed = coverage.failed
+    check_error_policy(spec.errorPolicy, failed, total)
     check_not_all_failed(spec.errorPolicy, failed, total)
     seconds, first_row, steady = timing.seconds, timing.time_to_first_row, timing.steady_rows_per_second(processed)
+    resumed = total - processed
     manifest = {
         "apiVersion": "batchinfer.dev/v1alpha1",
         "model": spec.model.describe(),
         "input": spec.input.uri,
         "output": spec.output.uri,
         "counts": {"total": total, "succeeded": total - failed, "failed": failed},
-        "attempt": {"run": run_id, "processed": processed, "resumed": source.all_total - source.total},
-        "skipped": source.skipped,
-        "shards": commit.shards_payload(shards),
+        "attempt": {"run": run_id, "processed": processed, "resumed": resumed, "partitionsRead": len(ledger.read)},
+        "skipped": skipped,
+        "shards": commit.shards_payload(coverage.shards),
+        "partitions": [{"id": p, "rows": expected[p][0], "keyDigest": expected[p][1]} for p in ledger.partitions],
         "startTime": started_at.isoformat(),
         "endTime": datetime.now(UTC).isoformat(),
         "seconds": round(seconds, 3),
@@ -309,13 +413,14 @@ def finish(
         total=total,
         succeeded=total - failed,
         failed=failed,
-        resumed=source.all_total - source.total,
+        resumed=resumed,
         processed=processed,
         seconds=seconds,
         output_uri=spec.output.uri,
         manifest=manifest,
         label_counts=labels,
-        skipped=source.skipped,
+        skipped=skipped,
         time_to_first_row=first_row,
         steady_rows_per_second=steady,
+        partitions_read=sorted(ledger.read),
     )

@@ -21,7 +21,7 @@ import torch
 
 from batchinfer_job.decode import error_or_none
 from batchinfer_job.models import load_model, preprocess_for
-from batchinfer_job.outputs import prediction_table
+from batchinfer_job.outputs import PARTITION_COLUMN, prediction_table
 from batchinfer_job.spec import ModelSpec
 
 log = logging.getLogger("batchinfer.predictor")
@@ -274,7 +274,10 @@ class TorchPredictor:
         width = len(next(iter(results.values()))[0]) if results else self.top_k
         classes = np.stack([results[i][0] for i in ok_after]) if ok_after else np.zeros((0, width), np.int32)
         scores = np.stack([results[i][1] for i in ok_after]) if ok_after else np.zeros((0, width), np.float32)
-        return prediction_table(keys, errors, classes, scores, self.categories)
+        table = prediction_table(keys, errors, classes, scores, self.categories)
+        if PARTITION_COLUMN in batch:  # the input partition of each row, for the driver's bookkeeping
+            table = table.append_column(PARTITION_COLUMN, pa.array([str(p) for p in batch[PARTITION_COLUMN]]))
+        return table
 
     def _predict_in_chunks(
         self, keys: list[str], images: np.ndarray, rows: list[int], errors: list[str | None]

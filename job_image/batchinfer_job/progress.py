@@ -16,11 +16,11 @@ def human_duration(seconds: float) -> str:
 
 @dataclass(frozen=True)
 class ProgressReport:
-    """Counts of committed rows so far."""
+    """Counts of committed rows so far. `total` is None while inputs are still being listed."""
 
     processed: int
     failed: int
-    total: int
+    total: int | None
     seconds: float
 
     @property
@@ -29,12 +29,24 @@ class ProgressReport:
 
     @property
     def eta_seconds(self) -> float | None:
+        """Seconds left at the rate so far: only once the total is known and rows have been committed."""
         rate = self.rows_per_second
-        return (self.total - self.processed) / rate if rate > 0 else None
+        return (self.total - self.processed) / rate if self.total is not None and rate > 0 else None
+
+    @property
+    def display(self) -> str:
+        """`n/total (percent)`, or `n/?` while the total is not known yet."""
+        if self.total is None:
+            return f"{self.processed}/?"
+        percent = 100.0 * self.processed / self.total if self.total else 100.0
+        return f"{self.processed}/{self.total} ({percent:.0f}%)"
+
+    @property
+    def finished(self) -> bool:
+        return self.total is not None and self.processed >= self.total
 
     def as_status(self) -> dict[str, Any]:
         """The `status.progress` object of the CRD."""
-        percent = 100.0 * self.processed / self.total if self.total else 100.0
         eta = self.eta_seconds
         return {
             "processed": self.processed,
@@ -42,6 +54,6 @@ class ProgressReport:
             "total": self.total,
             "rowsPerSecond": round(self.rows_per_second, 2),
             "eta": human_duration(eta) if eta is not None else None,
-            "display": f"{self.processed}/{self.total} ({percent:.0f}%)",
+            "display": self.display,
             "updateTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }

@@ -219,15 +219,21 @@ class InputSpec(_Model):
         min_length=1,
         max_length=2048,
     )
-    format: Literal["images", "parquet"] = Field(
+    format: Literal["images", "parquet", "manifest"] = Field(
         default="images",
-        description="images: every image file under uri; parquet: rows of Parquet files under uri.",
+        description=(
+            "images: every image file under uri; parquet: rows of Parquet files under uri; manifest: files under "
+            "uri (.txt .lst .manifest: one URI per line; .jsonl: one JSON object per line, the URI in pathColumn, "
+            "default uri) that list the images, so nothing is listed. Relative lines are relative to their manifest."
+        ),
     )
     imageColumn: str | None = Field(
         default=None, description="format=parquet: column holding encoded image bytes.", max_length=128
     )
     pathColumn: str | None = Field(
-        default=None, description="format=parquet: column holding image paths/URIs.", max_length=128
+        default=None,
+        description="format=parquet: column holding image paths/URIs; format=manifest: the JSON lines' URI field.",
+        max_length=128,
     )
     keyColumn: str | None = Field(
         default=None,
@@ -235,7 +241,11 @@ class InputSpec(_Model):
         max_length=128,
     )
     limit: int | None = Field(
-        default=None, ge=1, le=INT64_MAX, description="Process at most this many inputs (sorted order)."
+        default=None,
+        ge=1,
+        le=INT64_MAX,
+        description="Process at most this many inputs: the first ones in partition order (folders, files, "
+        "manifest lines, each sorted). The driver counts rows up to the limit, so keep it for trials.",
     )
     maxImageBytes: int = Field(
         default=64 * 2**20,
@@ -264,6 +274,11 @@ class InputSpec(_Model):
             raise ValueError("input.format=parquet needs exactly one of input.imageColumn or input.pathColumn")
         if self.format == "images" and (self.imageColumn or self.pathColumn or self.keyColumn):
             raise ValueError("input.imageColumn/pathColumn/keyColumn only apply to input.format=parquet")
+        if self.format == "manifest" and (self.imageColumn or self.keyColumn):
+            raise ValueError(
+                "input.imageColumn/keyColumn do not apply to input.format=manifest (its key is the URI as listed; "
+                "input.pathColumn names the URI field of .jsonl manifests)"
+            )
         return self
 
 

@@ -39,7 +39,7 @@ class StatusReporter:
         return cls(namespace=namespace, name=name, api=kubernetes.client.CustomObjectsApi())
 
     def __call__(self, report: ProgressReport, final: bool = False) -> None:
-        if not final and time.monotonic() - self._last < self.interval and report.processed < report.total:
+        if not final and time.monotonic() - self._last < self.interval and not report.finished:
             return
         self._last = time.monotonic()
         body = {"status": {"progress": report.as_status()}}

@@ -104,27 +104,74 @@ def _entries(location: Location) -> dict[str, dict[str, Any]]:
     return found if isinstance(found, dict) else {p: location.fs.info(p) for p in found}
 
 
-def list_inputs(location: Location, suffixes: tuple[str, ...]) -> Listing:
+def list_inputs(location: Location, suffixes: tuple[str, ...], *, top_level: bool = True) -> Listing:
     """Regular files under a prefix ending in one of `suffixes`, sorted; everything else counted by reason.
 
     Files whose names start with `_` are inputs like any other; hidden files and folders (`.name`), FIFOs,
-    sockets and devices are never opened.
+    sockets and devices are never opened. `top_level`: the location is input.uri itself, where batchinfer's own
+    record folders (`_shards/`, `_errors/`) are passed over; below it they are ordinary folders.
     """
     listing = Listing(paths=[])
     base = location.path.rstrip("/")
     for path, info in sorted(_entries(location).items()):
         relative = path[len(base) :].lstrip("/") if path != base else path.rsplit("/", 1)[-1]
-        if any(part.startswith(".") for part in relative.split("/")):
-            listing.skip(SKIP_HIDDEN)
-        elif info.get("type") != "file":
-            listing.skip(SKIP_NOT_REGULAR)
-        elif relative.split("/", 1)[0] in OUTPUT_RECORD_FOLDERS:
-            listing.skip(SKIP_OUTPUT_RECORDS)
-        elif not path.lower().endswith(suffixes):
-            listing.skip(SKIP_SUFFIX if suffixes == IMAGE_SUFFIXES else f"not {' '.join(suffixes)}")
+        reason = _skip_reason(relative, info, suffixes, top_level)
+        if reason:
+            listing.skip(reason)
         else:
             listing.paths.append(path)
     return listing
+
+
+def _skip_reason(relative: str, info: dict[str, Any], suffixes: tuple[str, ...], top_level: bool) -> str | None:
+    if any(part.startswith(".") for part in relative.split("/")):
+        return SKIP_HIDDEN
+    if info.get("type") != "file":
+        return SKIP_NOT_REGULAR
+    if top_level and "/" in relative and relative.split("/", 1)[0] in OUTPUT_RECORD_FOLDERS:
+        return SKIP_OUTPUT_RECORDS
+    if not relative.lower().endswith(suffixes):
+        return SKIP_SUFFIX if suffixes == IMAGE_SUFFIXES else f"not {' '.join(suffixes)}"
+    return None
+
+
+@dataclass
+class TopLevel:
+    """One level of a folder: its sub-folders (listed later, elsewhere), its input files, the rest by reason."""
+
+    folders: list[str]
+    paths: list[str]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def list_top_level(location: Location, suffixes: tuple[str, ...]) -> TopLevel:
+    """Sub-folders and input files directly in a folder, sorted (one delimiter listing, no recursion).
+
+    Hidden entries count once each (a hidden folder is never listed); `_shards/` and `_errors/` once each.
+    """
+    top = TopLevel(folders=[], paths=[])
+    base = location.path.rstrip("/")
+    entries = location.fs.ls(location.path, detail=True)
+    for info in sorted(entries, key=lambda e: e["name"]):
+        path = info["name"].rstrip("/")
+        if path == base:
+            continue
+        name = path.rsplit("/", 1)[-1]
+        if info.get("type") == "directory":
+            reason = SKIP_HIDDEN if name.startswith(".") else None
+            if reason is None and name in OUTPUT_RECORD_FOLDERS:
+                reason = SKIP_OUTPUT_RECORDS
+            if reason is None:
+                top.folders.append(path)
+                continue
+        else:
+            reason = _skip_reason(name, info, suffixes, top_level=False)
+            if reason is None:
+                top.paths.append(path)
+                continue
+        top.skipped[reason] = top.skipped.get(reason, 0) + 1
+    location.fs.invalidate_cache(location.path)  # object stores cache listings; the driver keeps only names
+    return top
 
 
 OUTPUT_RECORD_FOLDERS = ("_shards", "_errors")  # what batchinfer writes beside its shards (see `commit`)

@@ -44,6 +44,10 @@ _PARQUET_COLUMNS_RULE = {
     "rule": "!has(self.format) || self.format != 'parquet' || (has(self.imageColumn) != has(self.pathColumn))",
     "message": "input.format=parquet needs exactly one of input.imageColumn or input.pathColumn",
 }
+_MANIFEST_COLUMNS_RULE = {
+    "rule": "!has(self.format) || self.format != 'manifest' || (!has(self.imageColumn) && !has(self.keyColumn))",
+    "message": "input.imageColumn/keyColumn do not apply to input.format=manifest",
+}
 _POOL_RULE = {
     "rule": "!has(self.minActors) || !has(self.maxActors) || self.minActors <= self.maxActors",
     "message": "compute.minActors must not exceed compute.maxActors",
@@ -140,7 +144,7 @@ def spec_schema() -> dict[str, Any]:
     schema = openapi_schema(s.BatchInferenceSpec)
     props = schema["properties"]
     props["model"]["x-kubernetes-validations"] = [_MODEL_SOURCE_RULE]
-    props["input"]["x-kubernetes-validations"] = [_PARQUET_COLUMNS_RULE]
+    props["input"]["x-kubernetes-validations"] = [_PARQUET_COLUMNS_RULE, _MANIFEST_COLUMNS_RULE]
     props["compute"]["x-kubernetes-validations"] = [_POOL_RULE]
     for section in ("input", "output"):
         props[section]["properties"]["uri"]["x-kubernetes-validations"] = list(_URI_RULES)

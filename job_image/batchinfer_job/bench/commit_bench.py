@@ -12,7 +12,7 @@ import logging
 import os
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from batchinfer_job import commit, storage
-from batchinfer_job.outputs import prediction_table
+from batchinfer_job.digest import key_digest
+from batchinfer_job.outputs import PARTITION_COLUMN, prediction_table
 
 TARGET_ROWS_PER_SECOND = 48_000  # 8 GPUs x 6,000 img/s
 CATEGORIES = [f"class_{i}" for i in range(1000)]
@@ -57,11 +58,23 @@ def batches(rows: int, batch: int, top_k: int = 5) -> Iterator:
         ]
         classes = rng.integers(0, 1000, size=(count, top_k), dtype=np.int32)
         scores = np.sort(rng.random((count, top_k), dtype=np.float32), axis=1)[:, ::-1]
-        yield prediction_table(keys, [None] * count, classes, scores, CATEGORIES)
+        table = prediction_table(keys, [None] * count, classes, scores, CATEGORIES)
+        partitions = [key.rsplit("/", 1)[0] + "/" for key in keys]  # one input partition per class folder
+        yield table.append_column(PARTITION_COLUMN, pa.array(partitions, pa.string()))
+
+
+def expected_partitions(tables: list[pa.Table]) -> dict[str, list]:
+    """partition → [rows, digest hex] of the inputs, as the read tasks would report them."""
+    keys: dict[str, list[str]] = defaultdict(list)
+    for table in tables:
+        for key, partition in zip(table["key"].to_pylist(), table[PARTITION_COLUMN].to_pylist(), strict=True):
+            keys[partition].append(key)
+    return {p: [len(k), f"{key_digest(k):016x}"] for p, k in keys.items()}
 
 
 def run_commit_bench(output_uri: str, rows: int, shard_rows: int, batch: int) -> CommitBenchResult:
     prepared = list(batches(rows, batch))  # made before the clock starts: the driver receives them ready
+    expected = expected_partitions(prepared)
     store = commit.OutputStore(storage.resolve(output_uri))
     store.prepare("overwrite", "commit-bench")
     run_id = uuid.uuid4().hex[:8]
@@ -76,10 +89,10 @@ def run_commit_bench(output_uri: str, rows: int, shard_rows: int, batch: int) ->
             store.write_shard(f"part-{run_id}-{shards:09d}", pa.concat_tables(pending))
             pending, pending_rows, shards = [], 0, shards + 1
     streamed = time.monotonic()
-    _, committed = store.exactly_once(run_id)
+    coverage = store.exactly_once(run_id, expected)  # raises unless every row is there exactly once
     finished = time.monotonic()
-    if len(committed) != rows:
-        raise RuntimeError(f"committed {len(committed)} rows of {rows}")
+    if coverage.rows != rows:
+        raise RuntimeError(f"committed {coverage.rows} rows of {rows}")
     return CommitBenchResult(rows, shards, streamed - start, finished - streamed)
 
 

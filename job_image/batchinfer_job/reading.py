@@ -1,0 +1,244 @@
+"""Read tasks: one partition (see `inputs`) becomes input rows, on a worker, never on the driver.
+
+Rows carry `key` (the input's identity), `partition` and either `uri` (to read in decode) or `bytes`; a row that
+cannot become an input (a manifest line naming a URI batchinfer may not read) carries `error` instead.
+What a read task found — rows, a digest of its keys, files passed over — goes to the job's `PartitionLedger`
+actor once the partition is read; the driver uses it for progress and for the exactly-once check.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from batchinfer_job import storage
+from batchinfer_job.digest import add_digests, key_digest
+from batchinfer_job.inputs import InputError, Partition, check_parquet_columns, relative_uri, wanted_columns
+from batchinfer_job.spec import InputSpec, check_storage_uri
+
+READ_ROWS = 1024  # rows per table a read task yields (Ray Data re-blocks them to model batches)
+
+
+@dataclass
+class PartitionRead:
+    """What reading one partition found."""
+
+    rows: int = 0
+    digest: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def as_record(self) -> list[Any]:
+        return [self.rows, f"{self.digest:016x}"]
+
+
+def _table(keys: list[str], body: pa.Array | list, column: str, errors: list[str | None] | None = None) -> pa.Table:
+    table = pa.table({"key": pa.array(keys, pa.string()), column: body})
+    return table if errors is None else table.append_column("error", pa.array(errors, pa.string()))
+
+
+def _image_tables(partition: Partition, found: PartitionRead) -> Iterator[pa.Table]:
+    if partition.kind == "files":
+        uris = list(partition.names)
+    else:
+        location = storage.resolve(partition.uri)
+        listing = storage.list_inputs(location, storage.IMAGE_SUFFIXES, top_level=False)
+        found.skipped = listing.skipped
+        uris = [location.uri_of(p) for p in listing.paths]
+    for i in range(0, len(uris), READ_ROWS):
+        chunk = uris[i : i + READ_ROWS]
+        yield _table(chunk, pa.array(chunk, pa.string()), "uri")
+
+
+def _parquet_tables(partition: Partition, spec: InputSpec) -> Iterator[pa.Table]:
+    location = storage.resolve(partition.uri)
+    check_parquet_columns(spec, location, location.path)
+    with location.fs.open(location.path, "rb") as handle:
+        offset = 0
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=READ_ROWS, columns=wanted_columns(spec)):
+            if spec.keyColumn:
+                keys = pc.cast(batch.column(spec.keyColumn), pa.string())
+            elif spec.pathColumn:
+                keys = pc.cast(batch.column(spec.pathColumn), pa.string())
+            else:
+                keys = pa.array([f"{partition.uri}#{offset + i}" for i in range(batch.num_rows)], pa.string())
+            offset += batch.num_rows
+            if spec.imageColumn:
+                yield pa.table({"key": keys, "bytes": batch.column(spec.imageColumn)})
+            else:
+                yield pa.table({"key": keys, "uri": pc.cast(batch.column(spec.pathColumn), pa.string())})
+
+
+def manifest_lines(partition: Partition) -> Iterator[str]:
+    """The lines of a manifest byte range: a line belongs to the range it starts in (a range that does not
+    start at 0 skips the partial line it starts inside; every range finishes the line it ends inside)."""
+    location = storage.resolve(partition.uri)
+    with location.fs.open(location.path, "rb") as handle:
+        handle.seek(max(partition.start - 1, 0))
+        if partition.start > 0 and handle.read(1) != b"\n":
+            handle.readline()  # the rest of a line that the previous range owns
+        while handle.tell() < partition.end or (partition.end == 0 and partition.start == 0):
+            line = handle.readline()
+            if not line:
+                return
+            yield line.decode("utf-8", errors="replace").strip()
+
+
+def _manifest_tables(partition: Partition, spec: InputSpec) -> Iterator[pa.Table]:
+    field_name = spec.pathColumn or "uri"
+    json_lines = partition.uri.lower().endswith(".jsonl")
+    keys: list[str] = []
+    uris: list[str | None] = []
+    errors: list[str | None] = []
+    for number, line in enumerate(manifest_lines(partition)):
+        if not line:
+            continue
+        key, uri, error = _manifest_entry(partition, line, json_lines, field_name, number)
+        keys.append(key)
+        uris.append(uri)
+        errors.append(error)
+        if len(keys) == READ_ROWS:
+            yield _table(keys, pa.array(uris, pa.string()), "uri", errors)
+            keys, uris, errors = [], [], []
+    if keys:
+        yield _table(keys, pa.array(uris, pa.string()), "uri", errors)
+
+
+def _manifest_entry(
+    partition: Partition, line: str, json_lines: bool, field_name: str, number: int
+) -> tuple[str, str | None, str | None]:
+    """(key, uri to read, error): a line batchinfer cannot or may not read becomes an error row, never a skip."""
+    if json_lines:
+        try:
+            value = json.loads(line).get(field_name)
+        except (ValueError, AttributeError) as err:
+            return f"{partition.id}:{number}", None, f"read: ManifestError: not a JSON object ({err})"
+        if not isinstance(value, str) or not value:
+            return f"{partition.id}:{number}", None, f"read: ManifestError: no string field {field_name!r}"
+        line = value
+    try:
+        uri = check_storage_uri(relative_uri(partition.uri, line), "manifest line")
+    except ValueError as err:
+        return line, None, f"read: ManifestError: {err}"
+    return line, uri, None
+
+
+def partition_tables(partition: Partition, spec: InputSpec) -> tuple[Iterator[pa.Table], PartitionRead]:
+    """The rows of a partition, in order (at most `cap`), and the record that fills in as they are read."""
+    found = PartitionRead()
+    if partition.kind in ("files", "prefix"):
+        tables = _image_tables(partition, found)
+    elif partition.kind == "parquet":
+        tables = _parquet_tables(partition, spec)
+    else:
+        tables = _manifest_tables(partition, spec)
+    return _capped(tables, partition.cap), found
+
+
+def _capped(tables: Iterator[pa.Table], cap: int | None) -> Iterator[pa.Table]:
+    left = cap
+    for table in tables:
+        if left is not None:
+            table = table.slice(0, left)
+            left -= table.num_rows
+        if table.num_rows:
+            yield table
+        if left == 0:
+            return
+
+
+def count_rows(partition: Partition, spec: InputSpec) -> Iterator[int]:
+    """Rows of a partition, batch by batch (input.limit uses it on the driver to place the limit)."""
+    tables, _ = partition_tables(partition, spec)
+    for table in tables:
+        yield table.num_rows
+
+
+def read_partition(partition: Partition, spec: InputSpec, done: set[str], found: PartitionRead) -> Iterator[pa.Table]:
+    """Rows of a partition not in `done` (its keys committed by earlier attempts), with a `partition` column.
+
+    Fills in `found` as it goes (every row, done ones included); InputError for repeated keys.
+    """
+    tables, listing = partition_tables(partition, spec)
+    seen: set[str] = set()
+    for table in tables:
+        keys = table["key"].to_pylist()
+        seen.update(keys)
+        found.rows += len(keys)
+        found.digest = add_digests(found.digest, key_digest(keys))
+        if len(seen) != found.rows:
+            raise InputError(
+                f"{partition.id}: {found.rows - len(seen)} duplicate input keys; give input.keyColumn a unique "
+                "column (keys must be unique; they are checked within each partition: one file or folder)"
+            )
+        if done:
+            table = table.filter(pa.array([k not in done for k in keys]))
+        if table.num_rows:
+            yield table.append_column("partition", pa.array([partition.id] * table.num_rows, pa.string()))
+    found.skipped = listing.skipped
+
+
+@ray.remote(num_cpus=0)
+class PartitionLedger:
+    """The job's record of partitions read so far (rows, digest, skipped files) and of read failures."""
+
+    def __init__(self) -> None:
+        self.read: dict[str, list[Any]] = {}
+        self.skipped: dict[str, int] = {}
+        self.problems: list[str] = []
+
+    def record(self, partition_id: str, record: list[Any], skipped: dict[str, int]) -> None:
+        if partition_id not in self.read:  # a retried task reports the same partition again
+            self.read[partition_id] = record
+            for reason, count in skipped.items():
+                self.skipped[reason] = self.skipped.get(reason, 0) + count
+
+    def problem(self, message: str) -> None:
+        self.problems.append(message)
+
+    def snapshot(self) -> tuple[dict[str, list[Any]], dict[str, int], list[str]]:
+        return dict(self.read), dict(self.skipped), list(self.problems)
+
+
+def read_partitions(
+    batch: dict[str, np.ndarray], *, spec: InputSpec, ledger: Any, done: dict[str, list[list[Any]]]
+) -> Iterator[pa.Table]:
+    """Ray Data UDF over the plan (one partition per batch): the partition's rows, then its ledger record.
+
+    A partition that cannot be read is reported to the ledger (the driver fails the job with the message) and
+    yields nothing more; read errors of single rows are decode's business, not this task's.
+    """
+    for row in _rows(batch):
+        partition = Partition.from_row(row)
+        found = PartitionRead()
+        try:
+            committed = committed_keys(done.get(partition.id, []))
+            yield from read_partition(partition, spec, committed, found)
+        except (InputError, OSError, ValueError, storage.StorageError, pa.ArrowException) as err:
+            ray.get(ledger.problem.remote(f"input partition {partition.id}: {type(err).__name__}: {err}"))
+            continue
+        ray.get(ledger.record.remote(partition.id, found.as_record(), found.skipped))
+
+
+def _rows(batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+    for i in range(len(batch["id"])):
+        yield {name: column[i] for name, column in batch.items()}
+
+
+def committed_keys(spans: list[list[Any]]) -> set[str]:
+    """Keys of a partition that earlier attempts committed: `[shard uri, first row, rows]` spans of shards."""
+    keys: set[str] = set()
+    columns: dict[str, pa.ChunkedArray] = {}
+    for shard_uri, first, rows in spans:
+        if shard_uri not in columns:
+            location = storage.resolve(str(shard_uri))
+            columns[shard_uri] = pq.read_table(location.path, columns=["key"], filesystem=location.arrow_fs)["key"]
+        keys.update(columns[shard_uri].slice(int(first), int(rows)).to_pylist())
+    return keys

@@ -1,0 +1,193 @@
+"""Inputs at scale: partitions planned on the driver, rows read on workers, bookkeeping per partition,
+manifest input, progress before the total is known."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from batchinfer_job import inputs
+from batchinfer_job.commit import CoverageError, OutputStore, read_committed, read_dead_letters
+from batchinfer_job.digest import key_digest
+from batchinfer_job.inputs import Partition, plan_inputs
+from batchinfer_job.local import run_local
+from batchinfer_job.outputs import PARTITION_COLUMN, prediction_table
+from batchinfer_job.pipeline import Ledger
+from batchinfer_job.progress import ProgressReport
+from batchinfer_job.reading import manifest_lines
+from batchinfer_job.spec import InputSpec
+from batchinfer_job.storage import resolve
+from tests.helpers import make_spec
+
+FAST = "batchinfer_job.examples:DominantChannelPredictor"
+COLOURS = {"red": (220, 10, 10), "green": (10, 220, 10), "blue": (10, 10, 220)}
+
+
+def write_photos(folder: Path, names: list[str]) -> list[Path]:
+    """PNGs named `<colour>_<n>.png`, solid in that colour."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in names:
+        path = folder / name
+        Image.new("RGB", (24, 24), COLOURS[name.split("_")[0]]).save(path, format="PNG")
+        paths.append(path)
+    return paths
+
+
+# the plan: what the driver lists
+
+
+def test_folders_are_partitions_listed_later_and_top_level_files_are_pages(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(inputs, "PAGE_FILES", 2)
+    write_photos(tmp_path / "in" / "a", ["red_0.png"])
+    write_photos(tmp_path / "in" / "b" / "deep", ["red_1.png"])
+    write_photos(tmp_path / "in", ["green_0.png", "green_1.png", "green_2.png"])
+    (tmp_path / "in" / ".cache").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    plan = plan_inputs(InputSpec(uri=str(tmp_path / "in")))
+    base = str(tmp_path / "in")
+    assert [(p.kind, p.id) for p in plan.partitions] == [
+        ("prefix", f"{base}/a/"),
+        ("prefix", f"{base}/b/"),
+        ("files", f"{base}#files-0"),
+        ("files", f"{base}#files-1"),
+    ]
+    assert [len(p.names) for p in plan.partitions[2:]] == [2, 1]
+    assert sum(plan.skipped.values()) == 2  # the hidden folder (never listed) and notes.txt
+
+
+def test_parquet_files_are_partitions_and_the_first_one_is_checked_on_the_driver(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        pq.write_table(pa.table({"path": [f"/x/{i}.png"]}), tmp_path / "in" / f"part-{i}.parquet")
+    plan = plan_inputs(InputSpec(uri=str(tmp_path / "in"), format="parquet", pathColumn="path"))
+    assert [p.kind for p in plan.partitions] == ["parquet"] * 3
+    with pytest.raises(inputs.InputError, match=r"input columns \['img'\] not in .*part-0\.parquet"):
+        plan_inputs(InputSpec(uri=str(tmp_path / "in"), format="parquet", imageColumn="img"))
+
+
+def test_a_limit_caps_the_partition_it_falls_in_and_drops_the_rest() -> None:
+    partitions = [Partition(f"p{i}", "files", "/in", tuple(f"/in/{i}-{j}" for j in range(3))) for i in range(4)]
+    kept = inputs._limited(partitions, 7, lambda p: [len(p.names)])
+    assert [(p.id, p.cap) for p in kept] == [("p0", None), ("p1", None), ("p2", 1)]
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 7, 16, 1000])
+def test_manifest_byte_ranges_give_every_line_exactly_once(tmp_path: Path, chunk: int) -> None:
+    lines = [f"img_{i}.png" for i in range(37)]
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("\n".join(lines) + "\n")
+    size = manifest.stat().st_size
+    ranges = [(start, min(start + chunk, size)) for start in range(0, size, chunk)]
+    got = [
+        line
+        for start, end in ranges
+        for line in manifest_lines(Partition(f"m#{start}", "manifest", str(manifest), start=start, end=end))
+        if line
+    ]
+    assert got == lines
+
+
+# bookkeeping per partition
+
+
+def _shard_table(keys: list[str], partitions: list[str]) -> pa.Table:
+    import numpy as np
+
+    count = len(keys)
+    table = prediction_table(
+        keys, [None] * count, np.zeros((count, 1), np.int32), np.ones((count, 1), np.float32), ["c"]
+    )
+    return table.append_column(PARTITION_COLUMN, pa.array(partitions, pa.string()))
+
+
+def _expected(groups: dict[str, list[str]]) -> dict[str, list]:
+    return {p: [len(k), f"{key_digest(k):016x}"] for p, k in groups.items()}
+
+
+def test_the_same_key_in_two_partitions_is_two_inputs_and_repeats_are_removed_per_partition(tmp_path: Path) -> None:
+    store = OutputStore(resolve(str(tmp_path / "out")))
+    store.prepare("error_if_exists", "job")
+    store.write_shard("part-aaaa-000000001", _shard_table(["k1", "k2", "k1"], ["p", "p", "q"]))
+    store.write_shard("part-bbbb-000000001", _shard_table(["k2", "k3"], ["p", "q"]))  # k2 of p again: overlap
+    coverage = store.exactly_once("cccc", _expected({"p": ["k1", "k2"], "q": ["k1", "k3"]}))
+    assert coverage.rows == 4 and coverage.committed["p"][0] == 2
+    assert sorted(read_committed_keys(store, coverage)) == ["k1", "k1", "k2", "k3"]
+
+
+def read_committed_keys(store: OutputStore, coverage) -> list[str]:
+    return [k for shard in coverage.shards for k in store.keys_of(shard)]
+
+
+def test_a_missing_row_or_a_foreign_key_fails_the_coverage_check(tmp_path: Path) -> None:
+    store = OutputStore(resolve(str(tmp_path / "out")))
+    store.prepare("error_if_exists", "job")
+    store.write_shard("part-aaaa-000000001", _shard_table(["k1", "kX"], ["p", "p"]))
+    with pytest.raises(CoverageError, match=r"1 partitions differ from what was read: p \(2 of 2 rows, other keys\)"):
+        store.exactly_once("cccc", _expected({"p": ["k1", "k2"]}))
+    with pytest.raises(CoverageError, match=r"p \(2 of 3 rows\)"):
+        store.exactly_once("cccc", _expected({"p": ["k1", "kX", "k3"]}))
+
+
+# progress without a known total
+
+
+def test_progress_shows_n_of_unknown_until_every_partition_is_read() -> None:
+    ledger = Ledger(["a", "b"], earlier={"a": [3, "0"]}, actor=None)
+    assert ledger.total() is None
+    report = ProgressReport(processed=3, failed=0, total=ledger.total(), seconds=2.0)
+    assert report.as_status()["display"] == "3/?" and report.eta_seconds is None and not report.finished
+    ledger.read = {"b": [2, "0"]}
+    assert ledger.total() == 5
+    assert ProgressReport(3, 0, ledger.total(), 2.0).as_status()["display"] == "3/5 (60%)"
+
+
+# whole runs
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_manifest_input_reads_listed_uris_and_turns_bad_lines_into_error_rows(tmp_path: Path) -> None:
+    photos = write_photos(tmp_path / "photos", ["red_0.png", "green_0.png", "blue_0.png", "red_1.png"])
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    (manifests / "a.txt").write_text(f"../photos/red_0.png\n\n{photos[1]}\nhttp://127.0.0.1:9/x.png\n")
+    rows = [{"image": str(photos[2])}, {"image": "../photos/red_1.png"}, {"other": 1}]
+    (manifests / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    spec = make_spec(
+        str(manifests),
+        str(out),
+        model={"predictor": FAST},
+        input={"uri": str(manifests), "format": "manifest", "pathColumn": "image"},
+        errorPolicy={"maxFailedRecords": 2},
+    )
+    result = run_local(spec, on_progress=None)
+    assert (result.total, result.failed) == (6, 2)
+    labels = {r["key"]: r["label"] for r in read_committed(str(out)).to_pylist() if r["error"] is None}
+    assert labels == {"../photos/red_0.png": "red", str(photos[1]): "green", str(photos[2]): "blue",
+                      "../photos/red_1.png": "red"}  # fmt: skip
+    dead = {d["key"]: d["message"] for d in read_dead_letters(str(out)).to_pylist()}
+    assert "manifest line has unsupported scheme 'http'" in dead["http://127.0.0.1:9/x.png"]
+    assert any("no string field 'image'" in m for m in dead.values())
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_duplicate_keys_in_a_parquet_file_fail_the_job_naming_the_file_and_the_fix(tmp_path: Path) -> None:
+    photo = write_photos(tmp_path / "photos", ["red_0.png"])[0]
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ["a", "a"], "path": [str(photo)] * 2}), tmp_path / "in" / "rows.parquet")
+    spec = make_spec(
+        str(tmp_path / "in"),
+        str(tmp_path / "out"),
+        model={"predictor": FAST},
+        input={"uri": str(tmp_path / "in"), "format": "parquet", "pathColumn": "path", "keyColumn": "id"},
+    )
+    with pytest.raises(
+        inputs.InputError, match=r"rows\.parquet: 1 duplicate input keys; give input\.keyColumn a unique"
+    ):
+        run_local(spec, on_progress=None)
