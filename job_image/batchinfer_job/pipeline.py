@@ -220,10 +220,12 @@ def stream_tables(dataset: ray.data.Dataset, stall_seconds: float | None) -> Ite
 
 @dataclass(frozen=True)
 class Timing:
-    """Monotonic times of one run: its start, its end, its first committed shard (and that shard's rows)."""
+    """Monotonic times of one run: its start, its end, its first prediction at the driver, its first committed
+    shard (and that shard's rows)."""
 
     start: float
     end: float
+    first_row_at: float | None
     first_shard_at: float | None
     first_shard_rows: int
 
@@ -233,7 +235,8 @@ class Timing:
 
     @property
     def time_to_first_row(self) -> float | None:
-        return None if self.first_shard_at is None else self.first_shard_at - self.start
+        """Seconds from the start (inputs planned, model loaded and all) to the first prediction at the driver."""
+        return None if self.first_row_at is None else self.first_row_at - self.start
 
     def steady_rows_per_second(self, processed: int) -> float | None:
         """Rows/s after the first shard (start-up excluded); None without a second shard's worth of time."""
@@ -317,6 +320,7 @@ def run_pipeline(spec: BatchInferenceSpec, on_progress: Callable[[ProgressReport
     pending: list[pa.Table] = []
     last_flush = time.monotonic()
     first_shard: dict[str, float] = {}  # when this run committed its first shard, and how many rows it held
+    first_row_at: float | None = None
 
     def report() -> ProgressReport:
         return ProgressReport(counts["rows"], counts["failed"], ledger.total(), time.monotonic() - start)
@@ -343,6 +347,7 @@ def run_pipeline(spec: BatchInferenceSpec, on_progress: Callable[[ProgressReport
         for table in stream_tables(build_dataset(spec, plan), spec.timeouts.stallSeconds):
             if CONTRACT_ERROR_COLUMN in table.column_names:
                 raise PredictorContractError(table[CONTRACT_ERROR_COLUMN][0].as_py())
+            first_row_at = first_row_at or time.monotonic()
             pending.append(table)
             pending_rows += table.num_rows
             labels.update(label for label in table["label"].to_pylist() if label is not None)
@@ -350,7 +355,7 @@ def run_pipeline(spec: BatchInferenceSpec, on_progress: Callable[[ProgressReport
                 flush()
                 pending_rows = 0
     flush()
-    timing = Timing(start, time.monotonic(), first_shard.get("at"), int(first_shard.get("rows", 0)))
+    timing = Timing(start, time.monotonic(), first_row_at, first_shard.get("at"), int(first_shard.get("rows", 0)))
     skipped = _merged(input_plan.skipped, ledger.skipped)
     return finish(spec, store, ledger, run_id, started_at, timing, counts["this_run"], labels, skipped)
 

@@ -162,16 +162,29 @@ def bench(
     precision: Literal["auto", "fp32", "bf16", "fp16"] = typer.Option(
         "auto", help="pipeline stage: batchinfer's compute.precision (the plain loop and the seed stay fp32)."
     ),
-    stage: Literal["pipeline", "predictor", "commit"] = typer.Option(
+    stage: Literal["pipeline", "predictor", "commit", "inputs"] = typer.Option(
         "pipeline",
-        help="pipeline (a/b/c with Ray), predictor (no Ray; GPU hosts) or commit (the driver's rows/s ceiling: "
-        "labels, shards and commit records, to moto S3 unless --output-uri is given).",
+        help="pipeline (a/b/c with Ray), predictor (no Ray; GPU hosts), commit (the driver's rows/s ceiling: "
+        "labels, shards and commit records, to moto S3 unless --output-uri is given) or inputs (driver peak RSS "
+        "and time to first row for N and 10N inputs of each input kind).",
+    ),
+    scale: float = typer.Option(1.0, help="inputs stage: multiply every case's rows (1.0: the sizes of issue 11)."),
+    kinds: str = typer.Option(
+        "parquet-bytes,parquet-paths,files", help="inputs stage: which input kinds, comma-separated."
     ),
     output_uri: str | None = typer.Option(None, help="commit stage: where shards go (default: a moto S3 server)."),
     shard_rows: int = typer.Option(1024, help="commit stage: rows per shard (spec.output.shardRows)."),
     out: Path = typer.Option(Path("build/bench"), help="Images, chart and results go here."),
 ) -> None:
     """Measure batchinfer against a plain PyTorch loop and the seed Ray Data recipe (prints ratios)."""
+    if stage == "inputs":
+        from batchinfer_job.bench.inputs_bench import run_inputs_bench
+        from batchinfer_job.bench.inputs_bench import table as inputs_table
+
+        results = run_inputs_bench(out / "inputs", kinds.split(","), scale, log=lambda m: typer.echo(m, err=True))
+        for line in inputs_table(results):
+            typer.echo(line)
+        return
     if stage == "commit":
         from batchinfer_job.bench.commit_bench import moto_s3, run_commit_bench
 
