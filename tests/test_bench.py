@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from batchinfer_job.bench.measure import Sample
@@ -73,11 +74,25 @@ def test_a_tiny_real_run_prints_the_table_chart_and_last_line(local_ray: None, t
 
 
 def test_the_commit_stage_measures_the_driver_ceiling_against_s3() -> None:
-    from typer.testing import CliRunner
-
-    from batchinfer_operator.cli import app
-
     result = CliRunner().invoke(app, ["bench", "--stage", "commit", "--images", "3000", "--shard-rows", "1000"])
     assert result.exit_code == 0, result.output
     assert "3,000 rows in 3 shards" in result.output and "moto S3 on 127.0.0.1" in result.output
     assert "rows/s" in result.output and "48,000 rows/s" in result.output
+
+
+def test_the_inputs_stage_runs_n_and_10n_of_a_kind_and_prints_the_ratios(tmp_path: Path) -> None:
+    """Two real `batchinfer run`s (5 and 50 files) in their own processes: the table and one ratio line."""
+    result = CliRunner().invoke(
+        app,
+        ["bench", "--stage", "inputs", "--kinds", "files", "--scale", "0.0005", "--out", str(tmp_path)],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.output.splitlines() if line.startswith("files ")]
+    assert [(r[1], r[0]) for r in rows] == [("5", "files"), ("50", "files")]
+    assert all(float(r[2].replace(",", "")) > 50 and 0 < float(r[3]) <= float(r[4]) for r in rows)
+    line = r"^files: 10x the inputs -> driver peak RSS (\d+\.\d\d)x, time to first row (\d+\.\d\d)x$"
+    ratio = re.search(line, result.output, re.M)
+    assert ratio, result.output
+    rss = [float(r[2].replace(",", "")) for r in rows]
+    assert float(ratio.group(1)) == pytest.approx(rss[1] / rss[0], abs=0.02)  # printed RSS is rounded to 1 MiB

@@ -172,8 +172,29 @@ def test_manifest_input_reads_listed_uris_and_turns_bad_lines_into_error_rows(tm
     assert labels == {"../photos/red_0.png": "red", str(photos[1]): "green", str(photos[2]): "blue",
                       "../photos/red_1.png": "red"}  # fmt: skip
     dead = {d["key"]: d["message"] for d in read_dead_letters(str(out)).to_pylist()}
-    assert "manifest line has unsupported scheme 'http'" in dead["http://127.0.0.1:9/x.png"]
+    assert "listed path has unsupported scheme 'http'" in dead["http://127.0.0.1:9/x.png"]
     assert any("no string field 'image'" in m for m in dead.values())
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_parquet_paths_are_relative_to_their_file_and_held_to_the_uri_grammar(tmp_path: Path) -> None:
+    write_photos(tmp_path / "photos", ["green_0.png"])
+    (tmp_path / "in").mkdir()
+    paths = ["../photos/green_0.png", "http://127.0.0.1:9/x.png", "simplecache::/etc/passwd"]
+    pq.write_table(pa.table({"path": paths}), tmp_path / "in" / "rows.parquet")
+    spec = make_spec(
+        str(tmp_path / "in"),
+        str(tmp_path / "out"),
+        model={"predictor": FAST},
+        input={"uri": str(tmp_path / "in"), "format": "parquet", "pathColumn": "path"},
+        errorPolicy={"maxFailedRecords": 2},
+    )
+    result = run_local(spec, on_progress=None)
+    assert (result.total, result.failed) == (3, 2)
+    rows = {r["key"]: r for r in read_committed(str(tmp_path / "out")).to_pylist()}
+    assert rows["../photos/green_0.png"]["label"] == "green"
+    assert rows["http://127.0.0.1:9/x.png"]["error"].startswith("read: InvalidPathError: listed path has unsupported")
+    assert "'::'" in rows["simplecache::/etc/passwd"]["error"]
 
 
 @pytest.mark.usefixtures("local_ray")

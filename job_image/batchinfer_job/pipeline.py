@@ -257,8 +257,12 @@ class Ledger:
     recorded: set[str] = field(default_factory=set)  # partitions already written into a commit record
 
     def refresh(self) -> None:
-        """Fetch this attempt's records; InputError for a partition that could not be read."""
-        self.read, self.skipped, problems = ray.get(self.actor.snapshot.remote())  # type: ignore[attr-defined]
+        """Fetch this attempt's new records; InputError for a partition that could not be read."""
+        news, problems = ray.get(self.actor.since.remote(len(self.read)))  # type: ignore[attr-defined]
+        for partition, record, skipped in news:
+            self.read[partition] = record
+            for reason, count in skipped.items():
+                self.skipped[reason] = self.skipped.get(reason, 0) + count
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise inputs.InputError(problems[0] + more)

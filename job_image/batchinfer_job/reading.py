@@ -72,8 +72,10 @@ def _parquet_tables(partition: Partition, spec: InputSpec) -> Iterator[pa.Table]
             offset += batch.num_rows
             if spec.imageColumn:
                 yield pa.table({"key": keys, "bytes": batch.column(spec.imageColumn)})
-            else:
-                yield pa.table({"key": keys, "uri": pc.cast(batch.column(spec.pathColumn), pa.string())})
+                continue
+            resolved = [listed_uri(partition.uri, p) for p in pc.cast(batch.column(spec.pathColumn), pa.string())]
+            uris, errors = zip(*resolved, strict=True) if resolved else ((), ())
+            yield _table(keys.to_pylist(), pa.array(uris, pa.string()), "uri", list(errors))
 
 
 def manifest_lines(partition: Partition) -> Iterator[str]:
@@ -123,11 +125,19 @@ def _manifest_entry(
         if not isinstance(value, str) or not value:
             return f"{partition.id}:{number}", None, f"read: ManifestError: no string field {field_name!r}"
         line = value
+    return (line, *listed_uri(partition.uri, line))
+
+
+def listed_uri(listing_uri: str, value: pa.Scalar | str) -> tuple[str | None, str | None]:
+    """(uri to read, error) for a path listed in a manifest or a Parquet path column: relative to the file that
+    lists it, held to the spec's URI grammar (no other schemes, no `::` chains)."""
+    text = value.as_py() if isinstance(value, pa.Scalar) else value
+    if not text:
+        return None, "read: InvalidPathError: empty path"
     try:
-        uri = check_storage_uri(relative_uri(partition.uri, line), "manifest line")
+        return check_storage_uri(relative_uri(listing_uri, text), "listed path"), None
     except ValueError as err:
-        return line, None, f"read: ManifestError: {err}"
-    return line, uri, None
+        return None, f"read: InvalidPathError: {err}"
 
 
 def partition_tables(partition: Partition, spec: InputSpec) -> tuple[Iterator[pa.Table], PartitionRead]:
@@ -190,21 +200,21 @@ class PartitionLedger:
     """The job's record of partitions read so far (rows, digest, skipped files) and of read failures."""
 
     def __init__(self) -> None:
-        self.read: dict[str, list[Any]] = {}
-        self.skipped: dict[str, int] = {}
+        self.order: list[str] = []
+        self.read: dict[str, tuple[list[Any], dict[str, int]]] = {}
         self.problems: list[str] = []
 
     def record(self, partition_id: str, record: list[Any], skipped: dict[str, int]) -> None:
         if partition_id not in self.read:  # a retried task reports the same partition again
-            self.read[partition_id] = record
-            for reason, count in skipped.items():
-                self.skipped[reason] = self.skipped.get(reason, 0) + count
+            self.order.append(partition_id)
+            self.read[partition_id] = (record, skipped)
 
     def problem(self, message: str) -> None:
         self.problems.append(message)
 
-    def snapshot(self) -> tuple[dict[str, list[Any]], dict[str, int], list[str]]:
-        return dict(self.read), dict(self.skipped), list(self.problems)
+    def since(self, seen: int) -> tuple[list[tuple[str, list[Any], dict[str, int]]], list[str]]:
+        """Partitions recorded after the first `seen` ones (the driver asks for news only), and every problem."""
+        return [(p, *self.read[p]) for p in self.order[seen:]], list(self.problems)
 
 
 def read_partitions(

@@ -70,7 +70,7 @@ def _parquet(folder: Path, rows: int, column: Callable[[int], object], name: str
 
 def make_inputs(kind: str, rows: int, folder: Path) -> dict[str, object]:
     """Write (or reuse) the inputs of a case; returns the spec's `input` section."""
-    images = base_images(folder)
+    images = [p.resolve() for p in base_images(folder)]
     where = folder / f"{kind}-{rows}"
     done = where / ".complete"
     if not done.exists():
