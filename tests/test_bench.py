@@ -88,7 +88,8 @@ def test_the_inputs_stage_runs_n_and_10n_of_a_kind_and_prints_the_ratios(tmp_pat
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
-    rows = [line.split() for line in result.output.splitlines() if line.startswith("files ")]
+    table_row = re.compile(r"^files\s+[\d,]+\s+[\d,]+\s+[\d.]+\s+[\d.]+\s+[\d,]+$")
+    rows = [line.split() for line in result.output.splitlines() if table_row.match(line)]
     assert [(r[1], r[0]) for r in rows] == [("5", "files"), ("50", "files")]
     assert all(float(r[2].replace(",", "")) > 50 and 0 < float(r[3]) <= float(r[4]) for r in rows)
     line = r"^files: 10x the inputs -> driver peak RSS (\d+\.\d\d)x, time to first row (\d+\.\d\d)x$"

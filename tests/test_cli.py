@@ -43,7 +43,7 @@ def test_validate_names_each_bad_field(tmp_path: Path) -> None:
         "spec.model: model needs exactly one of torchvision, weightsUri, packaged, predictor; "
         "got torchvision, packaged",
         "spec.input.uri: input.uri has unsupported scheme 'ftp'",
-        "spec.input.format: Input should be 'images' or 'parquet'",
+        "spec.input.format: Input should be 'images', 'parquet' or 'manifest'",
         "spec.output.topK: Input should be greater than or equal to 1",
         "spec.output.mode: Input should be 'error_if_exists' or 'overwrite'",
         "spec.compute: compute.minActors (4) must not exceed compute.maxActors (2)",

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,8 @@ from kubernetes.client.rest import ApiException
 
 from batchinfer_job import spec as s
 from batchinfer_job.documents import parse_document
+from batchinfer_job.progress import ProgressReport
+from batchinfer_job.status_reporter import StatusReporter
 from batchinfer_operator import naming
 from batchinfer_operator.render import Owner, service_account_name
 from batchinfer_operator.settings import DEFAULT_JOB_IMAGE
@@ -190,6 +194,26 @@ def test_the_job_may_patch_only_its_own_status(cluster: Cluster, running, contro
         with pytest.raises(ApiException) as refused:
             call()
         assert refused.value.status == 403, f"{what}: {refused.value.status} {refused.value.body}"
+
+
+def test_kubectl_get_shows_n_of_unknown_until_the_total_is_known(running, control_plane) -> None:
+    """The job's own reporter, as the runner ServiceAccount; kubectl's PROGRESS column as users see it."""
+    namespace, _ = running
+    user, groups = runner_identity(namespace)
+    reporter = StatusReporter(namespace, "resnet", impersonating(control_plane, user, groups).custom, interval=0)
+    kubectl = [str(Path("build/tools/kubectl").resolve()), "--kubeconfig", str(control_plane.kubeconfig)]
+
+    def progress_column() -> str:
+        shown = subprocess.run([*kubectl, "-n", namespace, "get", "bi", "resnet"], capture_output=True, text=True)
+        assert shown.returncode == 0, shown.stderr
+        header, row = shown.stdout.splitlines()
+        start = header.index("PROGRESS")
+        return row[start:].split("  ")[0].strip()
+
+    reporter(ProgressReport(processed=1200, failed=0, total=None, seconds=10.0))
+    assert eventually(lambda: progress_column() == "1200/?" or None, what="1200/?")
+    reporter(ProgressReport(processed=2400, failed=0, total=50000, seconds=20.0))
+    assert eventually(lambda: progress_column() == "2400/50000 (5%)" or None, what="2400/50000 (5%)")
 
 
 def test_deleting_a_batchinference_collects_its_children(cluster: Cluster, running) -> None:

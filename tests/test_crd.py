@@ -82,7 +82,7 @@ def test_crd_schema_rejects_what_validate_rejects() -> None:
         }
     )
     errors = "\n".join(schema_errors(batchinference_validator(), bad))
-    assert "spec.input.format: 'videos' is not one of ['images', 'parquet']" in errors
+    assert "spec.input.format: 'videos' is not one of ['images', 'parquet', 'manifest']" in errors
     assert "spec.output.topK: 0 is less than the minimum of 1" in errors
 
 
