@@ -23,7 +23,7 @@ import json
 import re
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -74,6 +74,10 @@ class Shard:
     @property
     def name(self) -> str:
         return self.file.removesuffix(".parquet")
+
+    def as_record(self) -> dict[str, Any]:
+        """The commit record (a shallow dict: `asdict` would deep-copy every run)."""
+        return {f: getattr(self, f) for f in ("file", "rows", "failed", "supersedes", "runs", "partitions", "listed")}
 
     def spans(self) -> Iterator[tuple[str, int, int]]:
         """(partition, first row, rows) of each run."""
@@ -209,7 +213,7 @@ class OutputStore:
             listed=listed or {},
         )
         self._ensure(SHARDS_DIR)
-        storage.write_json(self.location.child(f"{SHARDS_DIR}/{name}.json"), asdict(shard))
+        storage.write_json(self.location.child(f"{SHARDS_DIR}/{name}.json"), shard.as_record())
         return shard
 
     def _ensure(self, folder: str) -> None:

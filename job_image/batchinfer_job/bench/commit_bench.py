@@ -59,7 +59,8 @@ def batches(rows: int, batch: int, top_k: int = 5) -> Iterator:
         classes = rng.integers(0, 1000, size=(count, top_k), dtype=np.int32)
         scores = np.sort(rng.random((count, top_k), dtype=np.float32), axis=1)[:, ::-1]
         table = prediction_table(keys, [None] * count, classes, scores, CATEGORIES)
-        partitions = [key.rsplit("/", 1)[0] + "/" for key in keys]  # one input partition per class folder
+        # rows reach the driver in blocks read from one partition each: here a page of 1,024 inputs
+        partitions = [f"s3://datasets/imagenet/train#files-{(start + i) // 1024}" for i in range(count)]
         yield table.append_column(PARTITION_COLUMN, pa.array(partitions, pa.string()))
 
 
