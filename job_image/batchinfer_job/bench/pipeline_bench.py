@@ -100,8 +100,9 @@ def run_pipeline_bench(config: BenchConfig, log: Callable[[str], None] = print) 
     from batchinfer_job.local import start_local_ray
 
     start_local_ray()
-    paths = make_image_set(config.folder / f"images-{config.images}", config.images)
-    warmup_paths = make_image_set(config.folder / f"warmup-{config.warmup_images}", config.warmup_images, seed=1)
+    folder = config.folder.resolve()  # Ray's workers start in a folder of their own: relative paths miss
+    paths = make_image_set(folder / f"images-{config.images}", config.images)
+    warmup_paths = make_image_set(folder / f"warmup-{config.warmup_images}", config.warmup_images, seed=1)
     result = BenchResult(config, batchinfer_dtype=resolved_precision(config))
     with tempfile.TemporaryDirectory() as out:
         for method, run in method_runs(config, warmup_paths, Path(out) / "warmup").items():
