@@ -258,8 +258,10 @@ def test_retries_are_finite_for_tasks_actors_and_oom_kills() -> None:
     partitions = [Partition("/in#files-0", "files", "/in", ("/in/a.png",))]
     plan = build_dataset(spec, ReadPlan(partitions, {}, ledger=None))._logical_plan.dag
     predict, decode = plan, plan.input_dependencies[0]
-    read = decode.input_dependencies[0].input_dependencies[0]  # read → repartition → decode
+    reblock = decode.input_dependencies[0]
+    read = reblock.input_dependencies[0]  # read → repartition → decode
     assert read.ray_remote_args["max_retries"] == TASK_RETRIES
+    assert reblock.ray_remote_args == read.ray_remote_args  # so Ray fuses them: no task of a whole CPU between
     assert decode.ray_remote_args["max_retries"] == TASK_RETRIES
     assert predict.ray_remote_args["max_restarts"] == TASK_RETRIES
     assert predict.ray_remote_args["max_task_retries"] == TASK_RETRIES

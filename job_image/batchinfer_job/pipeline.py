@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import pyarrow as pa
 import ray.data
@@ -115,7 +116,15 @@ def read_rows(input_spec: InputSpec, plan: ReadPlan, rows_per_block: int) -> ray
         num_cpus=READ_CPUS,
         max_retries=TASK_RETRIES,
     )
-    return rows.repartition(target_num_rows_per_block=rows_per_block)
+    reblocked = rows.repartition(target_num_rows_per_block=rows_per_block)
+    # Ray Data fuses map_batches -> repartition into one task only when their remote args match, and
+    # `repartition` takes none (its tasks ask for a whole CPU). Unfused, a repartition task paused by backpressure
+    # held a CPU that decode needed: on 2 CPUs a 1,000,000-row job stopped committing after 56,000 rows. Giving
+    # it the read task's args makes every read task emit model-batch blocks itself (Ray 2.60's logical operator;
+    # tests/test_hostile_inputs.py checks that the two stay fusable).
+    read_op: Any = rows._logical_plan.dag  # a MapBatches logical operator
+    object.__setattr__(reblocked._logical_plan.dag, "ray_remote_args", dict(read_op.ray_remote_args))
+    return reblocked
 
 
 def _build_dataset(spec: BatchInferenceSpec, plan: ReadPlan) -> ray.data.Dataset:
