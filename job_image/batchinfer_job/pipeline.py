@@ -292,8 +292,9 @@ class Ledger:
         return new
 
 
-def plan_reading(spec: BatchInferenceSpec, partitions: list[inputs.Partition], store: commit.OutputStore,
-                 earlier: list[commit.Shard]) -> tuple[ReadPlan, Ledger]:  # fmt: skip
+def plan_reading(
+    partitions: list[inputs.Partition], store: commit.OutputStore, earlier: list[commit.Shard]
+) -> tuple[ReadPlan, Ledger]:
     """Skip partitions an earlier attempt finished; read the rest, minus their committed rows."""
     listed = commit.listed_partitions(earlier)
     before = commit.Coverage.of(earlier)
@@ -305,7 +306,7 @@ def plan_reading(spec: BatchInferenceSpec, partitions: list[inputs.Partition], s
         todo.append(partition)
     done = {p.id: [[store.location.child(f).uri, a, n] for f, a, n in spans[p.id]] for p in todo if p.id in spans}
     actor = reading.PartitionLedger.remote()  # type: ignore[attr-defined]
-    ledger = Ledger([p.id for p in partitions], {p: r for p, r in listed.items()}, actor)
+    ledger = Ledger([p.id for p in partitions], dict(listed), actor)
     ledger.recorded.update(listed)
     return ReadPlan(todo, done, actor), ledger
 
@@ -326,7 +327,7 @@ def run_pipeline(spec: BatchInferenceSpec, on_progress: Callable[[ProgressReport
     input_plan = inputs.plan_inputs(spec.input, count_rows=lambda p: reading.count_rows(p, spec.input))
     store = commit.OutputStore(storage.resolve(spec.output.uri))
     earlier = store.prepare(spec.output.mode, commit.job_fingerprint(spec))
-    plan, ledger = plan_reading(spec, input_plan.partitions, store, earlier)
+    plan, ledger = plan_reading(input_plan.partitions, store, earlier)
     run_id = uuid.uuid4().hex[:8]
     counts = {"rows": sum(s.rows for s in earlier), "failed": sum(s.failed for s in earlier), "this_run": 0}
     labels: Counter = Counter()
