@@ -86,7 +86,8 @@ def _parquet_plan(spec: InputSpec) -> InputPlan:
     listing = storage.list_inputs(location, (".parquet",))
     if not listing.paths:
         raise InputError(f"input.uri {spec.uri!r} holds no .parquet files; check input.format")
-    check_parquet_columns(spec, location, listing.paths[0])  # the common mistake fails before anything runs
+    first = listing.paths[0]  # the common mistake fails before anything runs; read tasks check their own file
+    check_parquet_columns(spec, location.uri_of(first), pq.read_schema(first, filesystem=location.arrow_fs).names)
     partitions = [Partition(location.uri_of(p), "parquet", location.uri_of(p)) for p in listing.paths]
     return InputPlan(partitions, listing.skipped)
 
@@ -95,13 +96,12 @@ def wanted_columns(spec: InputSpec) -> list[str]:
     return [c for c in (spec.keyColumn, spec.imageColumn, spec.pathColumn) if c]
 
 
-def check_parquet_columns(spec: InputSpec, location: storage.Location, path: str) -> None:
-    schema = pq.read_schema(path, filesystem=location.arrow_fs)
-    missing = [c for c in wanted_columns(spec) if c not in schema.names]
+def check_parquet_columns(spec: InputSpec, uri: str, names: list[str]) -> None:
+    """InputError unless a Parquet file (`uri`, its column `names`) has every column input.* names."""
+    missing = [c for c in wanted_columns(spec) if c not in names]
     if missing:
         raise InputError(
-            f"input columns {missing} not in {location.uri_of(path)} (has {schema.names}); "
-            "fix input.imageColumn/pathColumn/keyColumn"
+            f"input columns {missing} not in {uri} (has {names}); fix input.imageColumn/pathColumn/keyColumn"
         )
 
 

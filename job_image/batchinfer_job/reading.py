@@ -59,10 +59,11 @@ def _image_tables(partition: Partition, found: PartitionRead) -> Iterator[pa.Tab
 
 def _parquet_tables(partition: Partition, spec: InputSpec) -> Iterator[pa.Table]:
     location = storage.resolve(partition.uri)
-    check_parquet_columns(spec, location, location.path)
     with location.fs.open(location.path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        check_parquet_columns(spec, partition.uri, parquet.schema_arrow.names)
         offset = 0
-        for batch in pq.ParquetFile(handle).iter_batches(batch_size=READ_ROWS, columns=wanted_columns(spec)):
+        for batch in parquet.iter_batches(batch_size=READ_ROWS, columns=wanted_columns(spec)):
             if spec.keyColumn:
                 keys = pc.cast(batch.column(spec.keyColumn), pa.string())
             elif spec.pathColumn:
@@ -140,16 +141,15 @@ def listed_uri(listing_uri: str, value: pa.Scalar | str) -> tuple[str | None, st
         return None, f"read: InvalidPathError: {err}"
 
 
-def partition_tables(partition: Partition, spec: InputSpec) -> tuple[Iterator[pa.Table], PartitionRead]:
-    """The rows of a partition, in order (at most `cap`), and the record that fills in as they are read."""
-    found = PartitionRead()
+def partition_tables(partition: Partition, spec: InputSpec, found: PartitionRead) -> Iterator[pa.Table]:
+    """The rows of a partition, in order (at most `cap`); a folder's listing puts what it passed over in `found`."""
     if partition.kind in ("files", "prefix"):
         tables = _image_tables(partition, found)
     elif partition.kind == "parquet":
         tables = _parquet_tables(partition, spec)
     else:
         tables = _manifest_tables(partition, spec)
-    return _capped(tables, partition.cap), found
+    return _capped(tables, partition.cap)
 
 
 def _capped(tables: Iterator[pa.Table], cap: int | None) -> Iterator[pa.Table]:
@@ -166,8 +166,7 @@ def _capped(tables: Iterator[pa.Table], cap: int | None) -> Iterator[pa.Table]:
 
 def count_rows(partition: Partition, spec: InputSpec) -> Iterator[int]:
     """Rows of a partition, batch by batch (input.limit uses it on the driver to place the limit)."""
-    tables, _ = partition_tables(partition, spec)
-    for table in tables:
+    for table in partition_tables(partition, spec, PartitionRead()):
         yield table.num_rows
 
 
@@ -176,9 +175,8 @@ def read_partition(partition: Partition, spec: InputSpec, done: set[str], found:
 
     Fills in `found` as it goes (every row, done ones included); InputError for repeated keys.
     """
-    tables, listing = partition_tables(partition, spec)
     seen: set[str] = set()
-    for table in tables:
+    for table in partition_tables(partition, spec, found):
         keys = table["key"].to_pylist()
         seen.update(keys)
         found.rows += len(keys)
@@ -192,7 +190,6 @@ def read_partition(partition: Partition, spec: InputSpec, done: set[str], found:
             table = table.filter(pa.array([k not in done for k in keys]))
         if table.num_rows:
             yield table.append_column("partition", pa.array([partition.id] * table.num_rows, pa.string()))
-    found.skipped = listing.skipped
 
 
 @ray.remote(num_cpus=0)
