@@ -282,7 +282,7 @@ def test_a_class_edit_does_not_change_a_running_job(
     eventually(
         lambda: (
             condition(cluster.get_bi(cluster_namespace, "steady"), "SpecRejected").get("status") != "True"
-            and cluster.get_bi(cluster_namespace, "steady")["status"].get("observedGeneration") == 2
+            and (cluster.get_bi(cluster_namespace, "steady").get("status") or {}).get("observedGeneration") == 2
         ),
         60,
         "the suspend change handled",

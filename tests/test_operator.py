@@ -34,8 +34,13 @@ def one_rayjob(api: Api, namespace: str) -> dict:
     return jobs[0]
 
 
+def status_of(api: Api, namespace: str, name: str = NAME) -> dict:
+    """The BatchInference's status; empty until the operator first writes it."""
+    return api.get_bi(namespace, name).get("status") or {}
+
+
 def phase(api: Api, namespace: str, name: str = NAME) -> str | None:
-    return (api.get_bi(namespace, name).get("status") or {}).get("phase")
+    return status_of(api, namespace, name).get("phase")
 
 
 def started(api: Api, namespace: str, spec: dict | None = None, name: str = NAME) -> FakeKubeRay:
@@ -47,15 +52,15 @@ def started(api: Api, namespace: str, spec: dict | None = None, name: str = NAME
 def test_success_is_mirrored_with_conditions_and_times(operator, api: Api, namespace: str) -> None:
     kuberay = started(api, namespace)
     kuberay.initializing()
-    eventually(lambda: api.get_bi(namespace, NAME)["status"].get("rayClusterName"), what="rayClusterName")
+    eventually(lambda: status_of(api, namespace).get("rayClusterName"), what="rayClusterName")
     kuberay.running()
     eventually(lambda: phase(api, namespace) == "Running", what="Running")
     kuberay.complete_lagging()
-    status = eventually(lambda: api.get_bi(namespace, NAME)["status"], what="status")
+    status = eventually(lambda: status_of(api, namespace), what="status")
     assert status["phase"] == "Running"  # jobStatus lags: no success claimed yet
     kuberay.succeed()
     eventually(lambda: phase(api, namespace) == "Succeeded", what="Succeeded")
-    status = api.get_bi(namespace, NAME)["status"]
+    status = status_of(api, namespace)
     assert status["startTime"] == "2026-11-25T10:00:00Z" and status["completionTime"] == "2026-11-25T10:30:00Z"
     assert status["rayClusterName"].startswith(status["rayJobName"]) and status["dashboardURL"].endswith(":8265")
     conditions = {c["type"]: c for c in status["conditions"]}
@@ -70,7 +75,7 @@ def test_failure_is_mirrored_with_reason_and_message(operator, api: Api, namespa
     kuberay.running()
     kuberay.fail("AppFailed", "Job entrypoint command failed with exit code 1")
     eventually(lambda: phase(api, namespace) == "Failed", what="Failed")
-    status = api.get_bi(namespace, NAME)["status"]
+    status = status_of(api, namespace)
     assert status["reason"] == "AppFailed"
     assert status["message"] == "Job entrypoint command failed with exit code 1"
     assert status["completionTime"] == "2026-11-25T10:05:00Z"
@@ -98,12 +103,12 @@ def test_progress_from_the_job_appears_in_status_while_running(operator, api: Ap
     eventually(lambda: phase(api, namespace) == "Running", what="Running")
     reporter = StatusReporter(namespace=namespace, name=NAME, api=kubernetes.client.CustomObjectsApi(), interval=0)
     reporter(ProgressReport(processed=120, failed=3, total=300, seconds=10.0))
-    progress = eventually(lambda: api.get_bi(namespace, NAME)["status"].get("progress"), what="progress")
+    progress = eventually(lambda: status_of(api, namespace).get("progress"), what="progress")
     assert (progress["processed"], progress["failed"], progress["total"]) == (120, 3, 300)
     assert progress["rowsPerSecond"] == 12.0 and progress["eta"] == "15s" and progress["display"] == "120/300 (40%)"
     kuberay.succeed()
     eventually(lambda: phase(api, namespace) == "Succeeded", what="Succeeded")
-    assert api.get_bi(namespace, NAME)["status"]["progress"]["processed"] == 120  # the operator keeps it
+    assert status_of(api, namespace)["progress"]["processed"] == 120  # the operator keeps it
 
 
 def test_changing_an_immutable_field_is_refused_clearly(operator, api: Api, namespace: str) -> None:
@@ -112,7 +117,7 @@ def test_changing_an_immutable_field_is_refused_clearly(operator, api: Api, name
     api.patch_bi(namespace, NAME, {"spec": {"output": {"uri": "s3://elsewhere/out"}}})
 
     def rejected() -> dict | None:
-        conditions = api.get_bi(namespace, NAME)["status"].get("conditions") or []
+        conditions = status_of(api, namespace).get("conditions") or []
         return next((c for c in conditions if c["type"] == "SpecRejected" and c["status"] == "True"), None)
 
     condition = eventually(rejected, what="SpecRejected")
@@ -127,7 +132,7 @@ def test_suspend_may_change_and_reaches_the_rayjob(operator, api: Api, namespace
     eventually(lambda: api.get_bi(namespace, NAME).get("status", {}).get("acceptedSpecHash"), what="accepted")
     api.patch_bi(namespace, NAME, {"spec": {"suspend": True}})
     eventually(lambda: one_rayjob(api, namespace)["spec"]["suspend"] is True, what="RayJob suspended")
-    conditions = api.get_bi(namespace, NAME)["status"].get("conditions") or []
+    conditions = status_of(api, namespace).get("conditions") or []
     assert not any(c["type"] == "SpecRejected" and c["status"] == "True" for c in conditions)
 
 
@@ -148,7 +153,7 @@ def test_spec_the_schema_cannot_catch_fails_with_named_field(operator, api: Api,
     spec["model"] = {"packaged": "efficientnet_lite0", "torchvision": {"name": "resnet50"}}  # a CEL-only rule
     api.create_bi(namespace, NAME, spec)
     eventually(lambda: phase(api, namespace) == "Failed", what="Failed")
-    status = api.get_bi(namespace, NAME)["status"]
+    status = status_of(api, namespace)
     assert status["reason"] == "SpecInvalid"
     assert "spec.model: model needs exactly one of torchvision, weightsUri, packaged, predictor" in status["message"]
     assert api.rayjobs(namespace) == []
@@ -230,13 +235,13 @@ def test_a_refused_change_stays_refused_after_an_operator_restart(operator, api:
     eventually(
         lambda: any(
             c["type"] == "SpecRejected" and c["status"] == "True"
-            for c in api.get_bi(namespace, NAME)["status"].get("conditions", [])
+            for c in status_of(api, namespace).get("conditions", [])
         ),
         what="SpecRejected",
     )
     operator.restart()  # resume must not adopt the refused spec as the accepted one
     time.sleep(2)
-    assert api.get_bi(namespace, NAME)["status"]["acceptedSpecHash"] == accepted
+    assert status_of(api, namespace)["acceptedSpecHash"] == accepted
     assert read_configmap_spec(api, namespace)["spec"]["compute"]["maxActors"] == 1
 
 
@@ -248,8 +253,7 @@ def test_a_child_someone_else_owns_fails_the_batchinference_with_the_cause(opera
     api.create_bi(namespace, NAME, quickstart_spec())
     status = eventually(
         lambda: (
-            (api.get_bi(namespace, NAME).get("status") or {}).get("phase") == "Failed"
-            and api.get_bi(namespace, NAME)["status"]
+            (api.get_bi(namespace, NAME).get("status") or {}).get("phase") == "Failed" and status_of(api, namespace)
         ),
         what="Failed",
     )
@@ -279,7 +283,7 @@ def test_the_deadline_counts_from_the_first_attempt_and_the_operator_ends_the_jo
     kuberay = started(api, namespace, spec)
     kuberay.running()  # the first attempt started on 2026-11-25: far more than 60 s ago
     status = eventually(
-        lambda: phase(api, namespace) == "Failed" and api.get_bi(namespace, NAME)["status"],
+        lambda: phase(api, namespace) == "Failed" and status_of(api, namespace),
         timeout=30,
         what="Failed by the deadline",
     )
