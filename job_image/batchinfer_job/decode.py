@@ -37,7 +37,7 @@ def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
     return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
-def _crop_span(resized: int, crop: int) -> tuple[int, int, int]:
+def crop_span(resized: int, crop: int) -> tuple[int, int, int]:
     """Along one axis of the resized image: (first kept pixel, pixels kept, zero padding before them),
     as torchvision's `CenterCrop` does it (rounded offsets; zero padding when the image is smaller)."""
     if resized >= crop:
@@ -58,8 +58,8 @@ def resize_and_crop(img: Image.Image, preprocess: Preprocess) -> Image.Image:
     """
     w, h = img.size
     new_w, new_h = resized_size(w, h, preprocess.resize)
-    left, keep_w, pad_left = _crop_span(new_w, preprocess.crop)
-    top, keep_h, pad_top = _crop_span(new_h, preprocess.crop)
+    left, keep_w, pad_left = crop_span(new_w, preprocess.crop)
+    top, keep_h, pad_top = crop_span(new_h, preprocess.crop)
     if (new_w, new_h) == (w, h):
         window = img.crop((left, top, left + keep_w, top + keep_h))
     elif new_w * new_h <= MAX_RESIZED_FACTOR * preprocess.crop * preprocess.crop:
@@ -75,6 +75,15 @@ def resize_and_crop(img: Image.Image, preprocess: Preprocess) -> Image.Image:
     return padded
 
 
+def check_pixels(img: Image.Image, max_pixels: int) -> None:
+    """DecompressionBombError for an image of more than input.maxImagePixels, known from its header."""
+    width, height = img.size
+    if width * height > max_pixels:
+        raise Image.DecompressionBombError(
+            f"{width}x{height} = {width * height} pixels > input.maxImagePixels {max_pixels}"
+        )
+
+
 def decode_image(data: bytes, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Bytes → RGB uint8 array of shape (crop, crop, 3). Raises on undecodable input.
 
@@ -82,11 +91,7 @@ def decode_image(data: bytes, preprocess: Preprocess, max_pixels: int = DEFAULT_
     (no torch import): decode workers start fast and stay small.
     """
     with Image.open(io.BytesIO(data)) as img:
-        width, height = img.size
-        if width * height > max_pixels:
-            raise Image.DecompressionBombError(
-                f"{width}x{height} = {width * height} pixels > input.maxImagePixels {max_pixels}"
-            )
+        check_pixels(img, max_pixels)
         img.load()
         rgb = img.convert("RGB")
     return np.asarray(resize_and_crop(rgb, preprocess), dtype=np.uint8)
@@ -94,6 +99,37 @@ def decode_image(data: bytes, preprocess: Preprocess, max_pixels: int = DEFAULT_
 
 def _error(stage: str, err: BaseException) -> str:
     return f"{stage}: {type(err).__name__}: {err}"
+
+
+DECODE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, SyntaxError, MemoryError)
+DEVICE_JPEG_MODES = ("RGB", "L")  # what nvJPEG and libjpeg-turbo turn into RGB the way PIL does
+_JPEG_END = b"\xff\xd9"
+
+
+def device_decodable(data: bytes, max_pixels: int) -> bool:
+    """Check an image from its header without decoding it: True when it is a complete baseline-or-progressive
+    RGB or greyscale JPEG the model's device can decode, False when it must take the tasks decoder (PNG, WebP,
+    CMYK, a JPEG with no end marker, ...). Raises what `decode_image` raises on a file that is plainly not an
+    image or has more than `max_pixels` pixels, with the same message.
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        check_pixels(img, max_pixels)
+        complete = data.endswith(_JPEG_END) or data.rstrip(b"\0").endswith(_JPEG_END)
+        return img.format == "JPEG" and img.mode in DEVICE_JPEG_MODES and complete
+
+
+def read_bytes(batch: dict[str, np.ndarray], i: int, max_bytes: int | None) -> bytes:
+    """Row i's encoded image: read from its `uri` or taken from its `bytes`; OSError when it cannot be had."""
+    data = storage.read_uri(batch["uri"][i], max_bytes) if "uri" in batch else batch["bytes"][i]
+    if data is None:
+        raise EmptyImageError("empty image column")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise storage.TooLargeError(f"{len(data)} bytes > input.maxImageBytes {max_bytes}")
+    return bytes(data)
+
+
+class EmptyImageError(OSError):
+    """A row whose image column is null."""
 
 
 def decode_batch(
@@ -117,21 +153,58 @@ def decode_batch(
         if errors[i]:
             continue
         try:
-            data = storage.read_uri(batch["uri"][i], max_bytes) if "uri" in batch else batch["bytes"][i]
+            data = read_bytes(batch, i, max_bytes)
         except OSError as err:
-            errors[i] = _error("read", err)
-            continue
-        if data is None:
-            errors[i] = "read: empty image column"
-            continue
-        if max_bytes is not None and len(data) > max_bytes:
-            errors[i] = _error("read", storage.TooLargeError(f"{len(data)} bytes > input.maxImageBytes {max_bytes}"))
+            errors[i] = _read_error(err)
             continue
         try:
-            images[i] = decode_image(bytes(data), preprocess, max_pixels)
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError, MemoryError) as err:
+            images[i] = decode_image(data, preprocess, max_pixels)
+        except DECODE_ERRORS as err:
             errors[i] = _error("decode", err)
     out = {"key": np.asarray(keys, dtype=object), "image": images, "error": np.asarray(errors, dtype=object)}
+    if "partition" in batch:
+        out["partition"] = batch["partition"]
+    return out
+
+
+def _read_error(err: OSError) -> str:
+    return "read: empty image column" if isinstance(err, EmptyImageError) else _error("read", err)
+
+
+def fetch_batch(
+    batch: dict[str, np.ndarray], *, max_bytes: int | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> dict[str, Any]:
+    """The CPU stage of compute.decode=device: read each row's bytes and check its header, decode nothing.
+
+    In: as `decode_batch`. Out: `key`, `data` (encoded bytes; empty on an error row), `device` (True where the
+    model's device can decode it, see `device_decodable`), `error` and `partition` when it came in. Rows that
+    are not images, too large or too many pixels get exactly the error rows `decode_batch` gives them.
+    """
+    keys = batch["key"]
+    count = len(keys)
+    errors: list[str] = [error_or_none(e) or "" for e in batch["error"]] if "error" in batch else [""] * count
+    datas: list[bytes] = [b""] * count
+    on_device = np.zeros(count, dtype=bool)
+    for i in range(count):
+        if errors[i]:
+            continue
+        try:
+            data = read_bytes(batch, i, max_bytes)
+        except OSError as err:
+            errors[i] = _read_error(err)
+            continue
+        try:
+            on_device[i] = device_decodable(data, max_pixels)
+        except DECODE_ERRORS as err:
+            errors[i] = _error("decode", err)
+            continue
+        datas[i] = data
+    out = {
+        "key": np.asarray(keys, dtype=object),
+        "data": np.asarray(datas, dtype=object),
+        "device": on_device,
+        "error": np.asarray(errors, dtype=object),
+    }
     if "partition" in batch:
         out["partition"] = batch["partition"]
     return out

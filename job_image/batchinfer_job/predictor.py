@@ -1,17 +1,20 @@
 """GPU/CPU stage: the actor class Ray Data's actor pool runs. Loads the model once, predicts per batch.
 
-Input batch (from decode): `key`, `image` uint8 (N, H, W, 3), `error`. Output: a `PREDICTION_SCHEMA` table.
-uint8 travels to the device (pinned, non-blocking) and is normalised there; rows whose model call raises
-are isolated by splitting the batch, so one poisoned row costs only itself.
+Input batch (from decode): `key`, `image` uint8 (N, H, W, 3), `error` — or, with compute.decode=device (from
+`decode.fetch_batch`), `key`, `data` (encoded bytes), `device`, `error`, which the actor decodes on the model's
+device first (`device_decode`), outside the model lock so that decoding one batch overlaps the model on another.
+Output: a `PREDICTION_SCHEMA` table. uint8 travels to the device (pinned, non-blocking) and is normalised there;
+rows whose model call raises are isolated by splitting the batch, so one poisoned row costs only itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +25,7 @@ import torch
 from batchinfer_job.decode import error_or_none
 from batchinfer_job.models import load_model, preprocess_for
 from batchinfer_job.outputs import PARTITION_COLUMN, prediction_table
-from batchinfer_job.spec import ModelSpec
+from batchinfer_job.spec import DEFAULT_MAX_IMAGE_PIXELS, ModelSpec
 
 log = logging.getLogger("batchinfer.predictor")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,6 +43,7 @@ class PredictorConfig:
     threads: int = 1
     optimize: str = "auto"
     batch_timeout: float | None = None  # timeouts.perBatchSeconds
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # input.maxImagePixels, for decoding in the actor
 
 
 def pick_device(requested: str) -> torch.device:
@@ -214,8 +218,12 @@ class TorchPredictor:
 
     def __init__(self, config: PredictorConfig) -> None:
         self.max_rows: int | None = None  # rows per model call after an out-of-memory back-off; None: no cap
+        self.model_lock = threading.Lock()  # one batch on the model at a time; decoding runs beside it
+        self.streams = threading.local()  # each decoding thread's own CUDA stream
         torch.set_num_threads(max(1, config.threads))  # Ray sets OMP_NUM_THREADS=1 in workers
         spec = ModelSpec.model_validate(config.model)
+        self.preprocess = preprocess_for(spec)
+        self.max_pixels = config.max_pixels
         self.top_k = config.top_k
         self.device = pick_device(config.device)
         self.dtype = resolve_dtype(config.precision, self.device)
@@ -232,7 +240,7 @@ class TorchPredictor:
             return
         loaded = load_model(spec)
         self.categories = loaded.categories
-        pre = preprocess_for(spec)
+        pre = self.preprocess
         self.model, self.optimized = optimize_model(
             loaded.module.to(self.device).eval(),
             config.optimize,
@@ -255,12 +263,37 @@ class TorchPredictor:
             torch.get_num_threads(),
         )
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
         try:
-            return self._predict_batch(batch)
+            if "data" in batch and self.contract_error is None:
+                batch = self.decode(batch)  # outside the lock: overlaps the model on the batch before
+            with self.model_lock:
+                return self._predict_batch(batch)
         except PredictorContractError as err:
             self.contract_error = str(err)
         return pa.table({CONTRACT_ERROR_COLUMN: [self.contract_error]})
+
+    def decode(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A `fetch_batch` batch → the same rows with `image` (uint8 NHWC on the model's device) and `error`."""
+        from batchinfer_job.device_decode import decode_on_device  # torchcodec: only actors that decode
+
+        errors = [error_or_none(e) for e in batch["error"]]
+        with self._decode_stream():
+            images = decode_on_device(
+                list(batch["data"]), list(batch["device"]), errors, self.preprocess, self.device, self.max_pixels
+            )
+        if self.device.type == "cuda":  # made on this thread's stream, used on the model's: keep it until then
+            images.record_stream(torch.cuda.default_stream(self.device))
+        decoded = {k: v for k, v in batch.items() if k not in ("data", "device")}
+        return decoded | {"image": images, "error": np.asarray([e or "" for e in errors], dtype=object)}
+
+    def _decode_stream(self) -> Any:
+        """On CUDA: this thread's own stream, synchronised on exit so the model sees finished crops."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        if not hasattr(self.streams, "stream"):
+            self.streams.stream = torch.cuda.Stream(self.device)
+        return _synchronised(self.streams.stream)
 
     def _predict_batch(self, batch: dict[str, np.ndarray]) -> pa.Table:
         if self.contract_error is not None:
@@ -332,7 +365,8 @@ class TorchPredictor:
     def _predict_rows(self, keys: list[str], images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.user_predictor is None:
             return self.predict_uint8(images)
-        out = self.user_predictor({"key": np.asarray(keys, dtype=object), "image": images})
+        host = images.cpu().numpy() if isinstance(images, torch.Tensor) else images
+        out = self.user_predictor({"key": np.asarray(keys, dtype=object), "image": host})
         classes, scores = check_user_output(str(self.predictor_ref), out, len(keys))
         if "categories" in out:
             self.categories = list(out["categories"])
@@ -340,8 +374,11 @@ class TorchPredictor:
             self.categories = [f"class_{i}" for i in range(int(classes.max(initial=0)) + 1)]
         return classes, scores
 
-    def predict_uint8(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 NHWC on the host → (top-k classes, top-k probabilities), both (N, k)."""
+    def predict_uint8(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 NHWC on the host (or already on the device) → (top-k classes, top-k probabilities), both (N, k)."""
+        if isinstance(images, torch.Tensor):
+            classes, scores = self.predict_tensor(images.to(self.device))
+            return classes.cpu().numpy(), scores.cpu().numpy()
         tensor = torch.from_numpy(np.ascontiguousarray(images))
         if self.device.type == "cuda":
             tensor = tensor.pin_memory().to(self.device, non_blocking=True)
@@ -358,3 +395,10 @@ class TorchPredictor:
         probs = logits.float().softmax(dim=-1)
         scores, classes = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1)
         return classes.to(torch.int32), scores
+
+
+@contextlib.contextmanager
+def _synchronised(stream: torch.cuda.Stream) -> Iterator[None]:
+    with torch.cuda.stream(stream):
+        yield
+    stream.synchronize()

@@ -308,7 +308,13 @@ class OutputSpec(_Model):
 
 class BatchingSpec(_Model):
     batchSize: int | None = Field(
-        default=None, ge=1, le=4096, description="Images per model call (default: 64 on GPU, 16 on CPU)."
+        default=None,
+        ge=1,
+        le=4096,
+        description=(
+            "Images per model call (default: 256 on GPU, measured fastest for ResNet-152 bf16 on an H200; 16 on "
+            "CPU). On a device out-of-memory error the actor halves it and retries the same rows."
+        ),
     )
 
 
@@ -332,6 +338,16 @@ class ComputeSpec(_Model):
         gt=0,
         le=64,
         description="CPUs each read/decode task takes (runs in parallel with the model).",
+    )
+    decode: Literal["auto", "tasks", "device"] = Field(
+        default="auto",
+        description=(
+            "Where images are decoded, resized and cropped. tasks: CPU tasks beside the model actor (PIL). "
+            "device: CPU tasks only read bytes; the model actor decodes the batch on the model's device (nvJPEG "
+            "on a GPU, libjpeg-turbo on a CPU), resizes and crops it in one batched operation, overlapping the "
+            "model on the previous batch; images it cannot decode there (PNG, CMYK, truncated, ...) fall back "
+            "to the tasks decoder in the actor. auto: device when the actor has a GPU, else tasks."
+        ),
     )
     torchThreads: int | None = Field(
         default=None,

@@ -1,0 +1,185 @@
+"""Model-actor stage of compute.decode=device: a batch of encoded images → uint8 crops on the model's device.
+
+JPEGs the CPU stage marked decodable (`decode.device_decodable`) are decoded in one batched call on the device
+(TorchCodec: nvJPEG on a GPU, libjpeg-turbo on a CPU), then resized and centre-cropped together: two batched
+matrix products with PIL's own resampling weights for the whole batch (per-image resizes cost a kernel set each
+and capped a GPU below the model's rate). Everything else — PNG, WebP, CMYK, a JPEG the device refuses or warns
+about — takes the tasks decoder (`decode.decode_image`) in the actor, so a row fails or succeeds exactly as it
+would with compute.decode=tasks; nothing is lost.
+
+Pixels match the tasks path except where a sum lands within float rounding of .5 (PIL sums in fixed point):
+agreement is checked on pixels and predictions (tests/test_device_decode.py).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torchcodec.decoders import decode_jpeg
+
+from batchinfer_job.decode import DECODE_ERRORS, Preprocess, crop_span, decode_image, resized_size
+
+PAD_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}  # float32 padded images per roi_align call
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where torchvision's `Resize(resize)` + `CenterCrop(crop)` takes an image's crop from, per axis:
+    the resized size's scale (source pixels per resized pixel) and the crop's first resized pixel."""
+
+    scale_x: float
+    scale_y: float
+    left: int
+    top: int
+
+
+def geometry(width: int, height: int, preprocess: Preprocess) -> Geometry | None:
+    """The crop's geometry; None when the crop needs zero padding (resize < crop): the tasks decoder does that."""
+    new_w, new_h = resized_size(width, height, preprocess.resize)
+    left, keep_w, _ = crop_span(new_w, preprocess.crop)
+    top, keep_h, _ = crop_span(new_h, preprocess.crop)
+    if (keep_w, keep_h) != (preprocess.crop, preprocess.crop):
+        return None
+    return Geometry(width / new_w, height / new_h, left, top)
+
+
+def decode_jpegs(datas: Sequence[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """RGB uint8 (3, H, W) tensors on `device`, one batched call; None for an image the decoder refuses or
+    warns about (corrupt data it would paper over), found by decoding that call's images one by one."""
+    encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]  # writable copies
+    if not encoded:
+        return []
+    batched = _decode(encoded, device)
+    if batched is not None:
+        return list(batched)
+    singles = [_decode([e], device) for e in encoded]
+    return [None if one is None else one[0] for one in singles]
+
+
+def _decode(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor] | None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            decoded = decode_jpeg(encoded, mode="RGB", device=device)
+        except RuntimeError:
+            return None
+    return None if caught else list(decoded)
+
+
+def resize_and_crop_batch(images: Sequence[torch.Tensor], geometries: Sequence[Geometry], crop: int) -> torch.Tensor:
+    """Resize and crop (3, H, W) uint8 images → float (N, 3, crop, crop), as PIL's antialiased bilinear resize
+    then a centre crop would, in a few batched matrix products.
+
+    PIL's resize is separable: each output pixel is a normalised triangle-weighted sum of the source pixels
+    within its support (wider when shrinking: that is the antialiasing). Only the crop's rows and columns are
+    computed: out = round(Wy @ round(image @ Wx^T)), horizontal pass first and rounded between passes as PIL
+    does, with weight matrices built on the device for the whole batch and zero beyond each image's edge, so
+    images of any sizes share one zero-padded batch. Groups keep the padded float copy under PAD_BUDGET_BYTES.
+    """
+    if not images:
+        return torch.zeros((0, 3, crop, crop))
+    device = images[0].device
+    cuts = [_cut(img, geo, crop) for img, geo in zip(images, geometries, strict=True)]
+    out = torch.empty((len(images), 3, crop, crop), device=device)
+    budget = PAD_BUDGET_BYTES.get(device.type, PAD_BUDGET_BYTES["cpu"])
+    for group in _groups([c.pixels.shape for c in cuts], budget):
+        height = max(cuts[i].pixels.shape[1] for i in group)
+        width = max(cuts[i].pixels.shape[2] for i in group)
+        padded = torch.zeros((len(group), 3, height, width), device=device)
+        for j, i in enumerate(group):
+            piece = cuts[i].pixels
+            padded[j, :, : piece.shape[1], : piece.shape[2]] = piece
+        params = torch.tensor([cuts[i].axes for i in group], dtype=torch.float32, device=device)
+        wy = _weights(params[:, 4:], crop, height)  # (G, crop, H)
+        wx = _weights(params[:, :4], crop, width)  # (G, crop, W)
+        across = (padded @ wx.unsqueeze(1).transpose(-1, -2)).round_().clamp_(0, 255)  # PIL's first pass
+        out[group] = (wy.unsqueeze(1) @ across).round_().clamp_(0, 255)
+    return out
+
+
+@dataclass(frozen=True)
+class _Cut:
+    pixels: torch.Tensor  # the rows and columns of the image the crop's filters read (a view)
+    axes: tuple[float, ...]  # per axis (x then y): scale, first crop pixel's centre in the cut, size, spare
+
+
+def _cut(image: torch.Tensor, geo: Geometry, crop: int) -> _Cut:
+    height, width = image.shape[1:]
+    spans = []
+    for size, scale, first in ((width, geo.scale_x, geo.left), (height, geo.scale_y, geo.top)):
+        support = max(scale, 1.0)  # the triangle's half-width in source pixels
+        lo = max(0, math.floor(first * scale - support) - 1)
+        hi = min(size, math.ceil((first + crop) * scale + support) + 1)
+        spans.append((lo, hi, (scale, (first + 0.5) * scale - lo, hi - lo, 0.0)))
+    (x0, x1, ax), (y0, y1, ay) = spans
+    return _Cut(image[:, y0:y1, x0:x1], (*ax, *ay))
+
+
+def _weights(axis: torch.Tensor, crop: int, length: int) -> torch.Tensor:
+    """PIL's bilinear resampling weights (G, crop, length) for G images' axis parameters (scale, first centre,
+    size, _): triangle of half-width max(scale, 1) around each output pixel's centre, normalised, and zero at and
+    beyond the image's size."""
+    scale, first, size = axis[:, 0:1], axis[:, 1:2], axis[:, 2:3]
+    centres = first + scale * torch.arange(crop, device=axis.device, dtype=axis.dtype)  # (G, crop)
+    support = scale.clamp(min=1.0).unsqueeze(-1)
+    positions = torch.arange(length, device=axis.device, dtype=axis.dtype) + 0.5
+    weights = (1 - ((positions - centres.unsqueeze(-1)) / support).abs()).clamp_(min=0)
+    weights *= positions < size.unsqueeze(-1)
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def _groups(shapes: Sequence[torch.Size], budget: int) -> list[list[int]]:
+    """Indices in groups whose padded float32 batch stays within `budget` bytes (at least one image each)."""
+    order = sorted(range(len(shapes)), key=lambda i: shapes[i][1] * shapes[i][2], reverse=True)
+    groups: list[list[int]] = []
+    height = width = 0
+    for i in order:
+        h, w = max(height, shapes[i][1]), max(width, shapes[i][2])
+        if groups and (len(groups[-1]) + 1) * 3 * h * w * 4 <= budget:
+            groups[-1].append(i)
+            height, width = h, w
+        else:
+            groups.append([i])
+            height, width = shapes[i][1], shapes[i][2]
+    return groups
+
+
+def decode_on_device(
+    datas: Sequence[bytes],
+    on_device: Sequence[bool],
+    errors: list[str | None],
+    preprocess: Preprocess,
+    device: torch.device,
+    max_pixels: int,
+) -> torch.Tensor:
+    """uint8 (N, crop, crop, 3) crops on `device` for a batch; fills `errors` for rows that cannot be decoded.
+
+    Rows already holding an error stay zeros. Rows marked `on_device` are decoded and resized on the device;
+    the others, and any the device refuses, go through `decode_image` (the tasks decoder) on the CPU.
+    """
+    crop = preprocess.crop
+    out = torch.zeros((len(datas), crop, crop, 3), dtype=torch.uint8, device=device)
+    candidates = [i for i, ok in enumerate(on_device) if ok and errors[i] is None]
+    fallback = [i for i, ok in enumerate(on_device) if not ok and errors[i] is None]
+    rows, images, geometries = [], [], []
+    for i, image in zip(candidates, decode_jpegs([datas[i] for i in candidates], device), strict=True):
+        geo = None if image is None else geometry(image.shape[2], image.shape[1], preprocess)
+        if image is None or geo is None:
+            fallback.append(i)
+            continue
+        rows.append(i)
+        images.append(image)
+        geometries.append(geo)
+    if rows:
+        crops = resize_and_crop_batch(images, geometries, crop)
+        out[rows] = crops.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    for i in fallback:
+        try:
+            out[i] = torch.from_numpy(decode_image(datas[i], preprocess, max_pixels)).to(device)
+        except DECODE_ERRORS as err:
+            errors[i] = f"decode: {type(err).__name__}: {err}"
+    return out
