@@ -59,3 +59,14 @@ def test_a_poisoned_row_is_still_isolated_and_not_taken_for_memory() -> None:
     table = poisoned(data)
     assert table["error"].to_pylist()[3] == "predict: ValueError: poisoned row in batch"
     assert poisoned.max_rows is None and isinstance(poisoned.user_predictor, PoisonedPredictor)
+
+
+def test_rows_decoded_in_the_actor_back_off_the_same_way(actor: TorchPredictor, photo_dir) -> None:
+    """compute.decode=device: the batch arrives as bytes, is decoded into a tensor, then halved on OOM."""
+    from batchinfer_job.decode import fetch_batch
+
+    paths = sorted(p for p in photo_dir.iterdir() if p.name.startswith(("chelsea", "coffee")))[:12]
+    names = np.asarray([str(p) for p in paths], dtype=object)
+    table = actor(fetch_batch({"key": names, "uri": names}))
+    assert sorted(table["key"].to_pylist()) == sorted(names) and table["error"].null_count == 12
+    assert actor.user_predictor.calls == [12, 6, 3, 3, 3, 3]  # type: ignore[union-attr]

@@ -179,7 +179,7 @@ def decode_on_device(
         out[rows] = crops.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
     for i in fallback:
         try:
-            out[i] = torch.from_numpy(decode_image(datas[i], preprocess, max_pixels)).to(device)
+            out[i] = torch.tensor(decode_image(datas[i], preprocess, max_pixels), device=device)
         except DECODE_ERRORS as err:
             errors[i] = f"decode: {type(err).__name__}: {err}"
     return out

@@ -96,10 +96,11 @@ def default_batch_size(spec: BatchInferenceSpec) -> int:
 
 
 def decode_mode(spec: BatchInferenceSpec) -> str:
-    """compute.decode resolved: auto decodes on the device when the model actor has a GPU."""
-    if spec.compute.decode != "auto":
-        return spec.compute.decode
-    return "device" if spec.compute.gpusPerActor > 0 else "tasks"
+    """compute.decode resolved: auto decodes on the device when the model runs on the actor's GPU."""
+    compute = spec.compute
+    if compute.decode != "auto":
+        return compute.decode
+    return "device" if compute.gpusPerActor > 0 and compute.device != "cpu" else "tasks"
 
 
 @dataclass(frozen=True)

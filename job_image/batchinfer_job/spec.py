@@ -346,7 +346,7 @@ class ComputeSpec(_Model):
             "device: CPU tasks only read bytes; the model actor decodes the batch on the model's device (nvJPEG "
             "on a GPU, libjpeg-turbo on a CPU), resizes and crops it in one batched operation, overlapping the "
             "model on the previous batch; images it cannot decode there (PNG, CMYK, truncated, ...) fall back "
-            "to the tasks decoder in the actor. auto: device when the actor has a GPU, else tasks."
+            "to the tasks decoder in the actor. auto: device when the model runs on the actor's GPU, else tasks."
         ),
     )
     torchThreads: int | None = Field(

@@ -1,0 +1,212 @@
+"""compute.decode=device on this machine's CPU: the model actor decodes, resizes and crops the batch itself.
+
+Held to compute.decode=tasks (PIL in CPU tasks): the same pixels to rounding, the same top-1 on the quickstart
+photos with pretrained EfficientNet-Lite0, and the same error rows (or successful fallbacks) for hostile files.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from batchinfer_job import device_decode
+from batchinfer_job.decode import Preprocess, decode_batch, fetch_batch
+from batchinfer_job.demo_data import write_demo_images, write_truncated
+from batchinfer_job.local import run_local
+from batchinfer_job.pipeline import decode_mode, default_batch_size
+from batchinfer_job.predictor import PredictorConfig, TorchPredictor
+from batchinfer_job.spec import BatchInferenceSpec
+from batchinfer_job.summary import read_predictions
+from tests.helpers import make_spec
+
+PRE = Preprocess()
+CPU = torch.device("cpu")
+
+
+def uri_batch(paths: list[Path]) -> dict[str, np.ndarray]:
+    names = np.asarray([str(p) for p in paths], dtype=object)
+    return {"key": names, "uri": names}
+
+
+def on_device(batch: dict[str, np.ndarray], preprocess: Preprocess = PRE, max_pixels: int = 10**9):
+    """What the model actor makes of a batch: fetch (CPU task), then decode on the device (here the CPU)."""
+    fetched = fetch_batch(batch, max_pixels=max_pixels)
+    errors = [e or None for e in fetched["error"]]
+    images = device_decode.decode_on_device(
+        list(fetched["data"]), list(fetched["device"]), errors, preprocess, CPU, max_pixels
+    )
+    return fetched, images.numpy(), errors
+
+
+def kind(error: str | None) -> str | None:
+    """`stage: Type` of an error row (messages may hold object addresses)."""
+    return None if not error else ":".join(error.split(":")[:2])
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("hostile")
+    written = write_demo_images(folder, per_photo=2, photos=("chelsea", "coffee"))
+    photo = Image.open(folder / "chelsea_000.jpg").convert("RGB")
+    files = {
+        "truncated.jpg": (folder / "chelsea_000.jpg").read_bytes()[:4000],
+        "grey.jpg": _jpeg(photo.convert("L")),
+        "cmyk.jpg": _jpeg(photo.convert("CMYK")),
+        "progressive.jpg": _jpeg(photo, progressive=True),
+        "trailing-junk.jpg": _jpeg(photo) + b"junk after the end marker",
+        "webp.webp": _encoded(photo, "WEBP"),
+        "rgba.png": _encoded(photo.convert("RGBA"), "PNG"),
+        "tiny.jpg": _jpeg(photo.resize((9, 7))),
+        "strip.jpg": _jpeg(photo.resize((4000, 3))),
+        "text.jpg": b"just some text, no image at all",
+        "huge.png": _encoded(Image.new("RGB", (3000, 2000)), "PNG"),
+    }
+    good = bytearray(_jpeg(photo))
+    good[len(good) // 2 : len(good) // 2 + 40] = bytes(range(40))  # damaged entropy-coded data
+    files["damaged.jpg"] = bytes(good)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    write_truncated(folder / "coffee_001.jpg", folder / "half.jpg")
+    return sorted({*written, *(folder / n for n in files), folder / "half.jpg"})
+
+
+def _jpeg(img: Image.Image, **options: object) -> bytes:
+    return _encoded(img, "JPEG", quality=90, **options)
+
+
+def _encoded(img: Image.Image, fmt: str, **options: object) -> bytes:
+    out = io.BytesIO()
+    img.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def test_hostile_files_give_the_same_error_rows_or_fallbacks_as_tasks(hostile: list[Path]) -> None:
+    max_pixels = 5_000_000  # huge.png (6 MP) is refused from its header, as in tasks
+    tasks = decode_batch(uri_batch(hostile), preprocess=PRE, max_pixels=max_pixels)
+    fetched, images, errors = on_device(uri_batch(hostile), max_pixels=max_pixels)
+    by_name = {p.name: i for i, p in enumerate(hostile)}
+    assert [kind(e) for e in tasks["error"]] == [kind(e) for e in errors]
+    expected_errors = {"corrupt_000.jpg", "text.jpg", "huge.png", "truncated.jpg", "half.jpg"}
+    assert {p.name for p, e in zip(hostile, errors, strict=True) if e} == expected_errors
+    assert errors[by_name["huge.png"]] == tasks["error"][by_name["huge.png"]]  # same message, named limit
+    fallbacks = {p.name for p, ok, e in zip(hostile, fetched["device"], errors, strict=True) if not ok and not e}
+    assert {"cmyk.jpg", "webp.webp", "rgba.png", "trailing-junk.jpg"} <= fallbacks
+    for name in fallbacks:  # decoded by the tasks decoder inside the actor: identical pixels
+        assert np.array_equal(images[by_name[name]], tasks["image"][by_name[name]]), name
+    for name in ("grey.jpg", "progressive.jpg", "tiny.jpg", "chelsea_000.jpg", "damaged.jpg"):
+        i = by_name[name]
+        assert fetched["device"][i] and errors[i] is None, name
+        assert np.abs(images[i].astype(int) - tasks["image"][i].astype(int)).max() <= 2, name
+    strip = by_name["strip.jpg"]  # tasks resamples only the crop window of extreme strips: off by ~1
+    assert np.abs(images[strip].astype(int) - tasks["image"][strip].astype(int)).mean() < 1.0
+
+
+def test_device_pixels_match_tasks_to_rounding(photo_dir: Path) -> None:
+    paths = sorted(photo_dir.iterdir())
+    tasks = decode_batch(uri_batch(paths), preprocess=PRE)
+    fetched, images, errors = on_device(uri_batch(paths))
+    decoded_here = np.asarray(fetched["device"]) & np.asarray([e is None for e in errors])
+    assert decoded_here.sum() >= 16
+    diff = np.abs(images[decoded_here].astype(int) - tasks["image"][decoded_here].astype(int))
+    assert diff.max() <= 2 and (diff > 0).mean() < 0.01  # PIL rounds in fixed point; we in float
+
+
+def test_a_batch_in_bytes_decodes_like_the_same_files_by_uri(photo_dir: Path) -> None:
+    paths = sorted(photo_dir.iterdir())[:8]
+    by_uri = on_device(uri_batch(paths))
+    batch = {"key": np.asarray([p.name for p in paths], dtype=object), "bytes": [p.read_bytes() for p in paths]}
+    by_bytes = on_device(batch)
+    assert np.array_equal(by_uri[1], by_bytes[1]) and by_uri[2] == by_bytes[2]
+
+
+def test_images_of_many_sizes_split_into_padded_groups_under_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    sizes = [(300, 400), (1200, 900), (256, 256), (500, 333), (2000, 1500)]
+    images = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for w, h in sizes]
+    geometries = [device_decode.geometry(w, h, PRE) for w, h in sizes]
+    whole = device_decode.resize_and_crop_batch(images, geometries, PRE.crop)  # type: ignore[arg-type]
+    monkeypatch.setitem(device_decode.PAD_BUDGET_BYTES, "cpu", 1)  # one image per group
+    single = device_decode.resize_and_crop_batch(images, geometries, PRE.crop)  # type: ignore[arg-type]
+    assert torch.equal(whole, single)
+    for img, (w, h), out in zip(images, sizes, whole, strict=True):  # and each is PIL's resize + crop
+        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+        ref = np.asarray(decode_batch({"key": ["k"], "bytes": [_encoded(pil, "PNG")]}, preprocess=PRE)["image"][0])
+        assert np.abs(out.permute(1, 2, 0).numpy() - ref).max() <= 2, (w, h)
+
+
+def test_auto_decodes_on_the_device_only_when_the_actor_has_a_gpu() -> None:
+    cpu = make_spec("in", "out", batching={})  # batchSize unset: the defaults
+    gpu = cpu.model_copy(update={"compute": cpu.compute.model_copy(update={"gpusPerActor": 1, "device": "auto"})})
+    cpu_model = cpu.model_copy(update={"compute": cpu.compute.model_copy(update={"gpusPerActor": 1})})
+    assert (decode_mode(cpu), decode_mode(gpu), decode_mode(cpu_model)) == ("tasks", "device", "tasks")
+    forced = cpu.model_copy(update={"compute": cpu.compute.model_copy(update={"decode": "device"})})
+    assert decode_mode(forced) == "device"
+    assert (default_batch_size(cpu), default_batch_size(gpu)) == (16, 256)
+
+
+def test_decoding_overlaps_the_model_but_model_calls_never_overlap(
+    photo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two calls at once, as Ray Data makes them with max_concurrent_calls_per_actor=2: while one batch is on
+    the model (SlowPredictor, 0.5 s), the other is decoded; the model lock lets one batch at a time in."""
+    monkeypatch.setenv("BATCHINFER_SLOW_SECONDS", "0.5")
+    actor = TorchPredictor(PredictorConfig(model={"predictor": "batchinfer_job.fault_predictors:SlowPredictor"}))
+    spans: dict[str, list[tuple[float, float]]] = {"decode": [], "model": []}
+    decode, predict = actor.decode, actor._predict_batch
+
+    def timed(name: str, fn):
+        def wrapper(batch):
+            start = time.monotonic()
+            try:
+                return fn(batch)
+            finally:
+                spans[name].append((start, time.monotonic()))
+
+        return wrapper
+
+    monkeypatch.setattr(actor, "decode", timed("decode", decode))
+    monkeypatch.setattr(actor, "_predict_batch", timed("model", predict))
+    paths = sorted(photo_dir.iterdir())
+    batches = [fetch_batch(uri_batch(paths[i : i + 6])) for i in range(0, 24, 6)]
+    tables = []
+    threads = [threading.Thread(target=lambda b=b: tables.append(actor(b))) for b in batches]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join()
+    assert sorted(k for t in tables for k in t["key"].to_pylist()) == sorted(str(p) for p in paths[:24])
+    model = sorted(spans["model"])
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(model))  # one at a time
+    assert any(m0 < d0 < m1 for m0, m1 in model for d0, _ in spans["decode"])  # a decode ran during a model call
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_quickstart_top1_agrees_between_tasks_and_device(tmp_path: Path) -> None:
+    """The quickstart as shipped (pretrained EfficientNet-Lite0, its photos), once per decode setting."""
+    photos = tmp_path / "images"
+    write_demo_images(photos)
+    results = {}
+    for mode in ("tasks", "device"):
+        body = yaml.safe_load(Path("manifests/samples/quickstart.yaml").read_text())["spec"]
+        body["input"]["uri"] = str(photos)
+        body["output"]["uri"] = str(tmp_path / mode)
+        body["compute"]["decode"] = mode
+        run_local(BatchInferenceSpec.model_validate(body), on_progress=None)
+        rows = read_predictions(str(tmp_path / mode)).to_pylist()
+        results[mode] = {r["key"]: (r["predicted_class"], kind(r["error"])) for r in rows}
+    tasks, device = results["tasks"], results["device"]
+    assert tasks.keys() == device.keys() and len(tasks) == 321
+    assert {k: v[1] for k, v in tasks.items()} == {k: v[1] for k, v in device.items()}  # the same error rows
+    predicted = [k for k, v in tasks.items() if v[1] is None]
+    agree = sum(tasks[k][0] == device[k][0] for k in predicted)
+    assert agree >= 0.99 * len(predicted), f"top-1 agrees on {agree} of {len(predicted)}"
