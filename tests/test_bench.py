@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -14,6 +15,10 @@ from batchinfer_job.bench.pipeline_bench import METHODS, BenchConfig, BenchResul
 from batchinfer_operator.cli import app
 
 SUMMARY = re.compile(r"^speedup_vs_plain=(\d+\.\d\d) speedup_vs_seed=(\d+\.\d\d)$")
+MODEL_ONLY = re.compile(
+    r"^\(c\) decode=tasks: steady state (\d+\.\d) img/s \(after the first shard, median\) = (\d+)% of model-only "
+    r"(\d+\.\d) img/s; time to first row \d+\.\d s \(median\)$"
+)
 ROW = re.compile(r"^\((a|b|c)\) .+?\s+(\d+\.\d)\s+(\d+\.\d)-(\d+\.\d)\s+(\d+\.\d\d)x\s+(\d+)$")
 
 
@@ -37,6 +42,18 @@ def test_medians_spreads_and_ratios_follow_from_the_samples() -> None:
     assert rows["a"] == ("20.0", "10.0", "25.0", "1.00", "100")
     assert rows["b"] == ("8.0", "5.0", "10.0", "0.40", "100")
     assert rows["c"] == ("25.0", "20.0", "40.0", "1.25", "300")
+
+
+def test_model_only_and_time_to_first_row_follow_from_the_runs() -> None:
+    result = BenchResult(BenchConfig(images=100, repeats=3), model_only=200.0, decode="device")
+    for method in METHODS:
+        result.samples[method] = samples([1.0])
+    runs = ((90, 4), (150, 2), (120, 3))
+    result.runs = [SimpleNamespace(steady_rows_per_second=r, time_to_first_row=t) for r, t in runs]
+    assert table(result)[-1] == (
+        "(c) decode=device: steady state 120.0 img/s (after the first shard, median) = 60% of model-only 200.0 img/s; "
+        "time to first row 3.0 s (median)"
+    )
 
 
 def test_the_header_names_the_precision_batchinfer_resolved_to() -> None:
@@ -66,6 +83,12 @@ def test_a_tiny_real_run_prints_the_table_chart_and_last_line(local_ray: None, t
     assert low <= float(summary.group(2)) <= high
     assert "warm-up=4 images per method" in lines[0]
     assert lines[1] == "precision: (a) and (b) fp32, (c) fp32 (compute.precision=fp32)"
+
+    model_line = MODEL_ONLY.match(lines[-3])  # then the chart's path and the summary
+    assert model_line, lines[-3]
+    steady, percent, alone = float(model_line.group(1)), int(model_line.group(2)), float(model_line.group(3))
+    assert steady > 0 and alone > 0 and abs(percent - 100 * steady / alone) <= 1
+    assert "model-only" in result.stderr
 
     chart = tmp_path / "bench-resnet18-cpu-12.png"
     assert chart.read_bytes().startswith(b"\x89PNG")

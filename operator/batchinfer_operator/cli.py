@@ -151,13 +151,21 @@ def docs(readme: Path = typer.Option(Path("README.md"), help="README to update i
     readme.write_text(replace_reference(readme.read_text()))
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 @app.command()
 def bench(
     images: int = typer.Option(1000, help="Images in the seeded benchmark set."),
     model: str | None = typer.Option(None, help="torchvision model (default resnet18 on CPU, resnet152 on GPU)."),
     device: Literal["auto", "cpu", "cuda"] = typer.Option("auto", help="Where models run."),
     repeats: int = typer.Option(5, min=1, help="Timed runs of each method, interleaved (medians are reported)."),
-    batch_size: int = typer.Option(32, help="Images per model call for every method."),
+    batch_size: int | None = typer.Option(
+        None, help="Images per model call for every method (default: 256 on a GPU, as the job's; 32 on a CPU)."
+    ),
     warmup_images: int = typer.Option(64, min=1, help="Untimed warm-up run of each method on this many images."),
     precision: Literal["auto", "fp32", "bf16", "fp16"] = typer.Option(
         "auto", help="pipeline stage: batchinfer's compute.precision (the plain loop and the seed stay fp32)."
@@ -168,6 +176,9 @@ def bench(
         "labels, shards and commit records, to moto S3 unless --output-uri is given) or inputs (driver peak RSS "
         "and time to first row for N and 10N inputs of each input kind).",
     ),
+    decode: Literal["auto", "tasks", "device"] = typer.Option(
+        "auto", help="pipeline stage: batchinfer's compute.decode (auto: device on a GPU, tasks on a CPU)."
+    ),
     scale: float = typer.Option(1.0, help="inputs stage: multiply every case's rows (1.0: the sizes of issue 11)."),
     kinds: str = typer.Option(
         "parquet-bytes,parquet-paths,files", help="inputs stage: which input kinds, comma-separated."
@@ -177,6 +188,8 @@ def bench(
     out: Path = typer.Option(Path("build/bench"), help="Images, chart and results go here."),
 ) -> None:
     """Measure batchinfer against a plain PyTorch loop and the seed Ray Data recipe (prints ratios)."""
+    gpu_default = device == "cuda" or (device == "auto" and stage in ("pipeline", "predictor") and _has_cuda())
+    batch_size = batch_size or (256 if gpu_default else 32)
     if stage == "inputs":
         from batchinfer_job.bench.inputs_bench import run_inputs_bench
         from batchinfer_job.bench.inputs_bench import table as inputs_table
@@ -222,6 +235,7 @@ def bench(
         batch_size=batch_size,
         warmup_images=warmup_images,
         precision=precision,
+        decode=decode,
         folder=out,
     )
     result = run_pipeline_bench(config, log=lambda line: typer.echo(line, err=True))

@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from batchinfer_job.bench.baselines import plain_loop, seed_recipe
 from batchinfer_job.bench.images import make_image_set
@@ -27,6 +28,7 @@ class BenchConfig:
     batch_size: int = 32
     warmup_images: int = 64  # per method, untimed, before the timed repeats
     precision: str = "auto"  # batchinfer's compute.precision; (a) and (b) run fp32 as the seed recipe does
+    decode: str = "auto"  # batchinfer's compute.decode
     folder: Path = Path("build/bench")
 
 
@@ -35,6 +37,19 @@ class BenchResult:
     config: BenchConfig
     samples: dict[str, list[Sample]] = field(default_factory=lambda: {m: [] for m in METHODS})
     batchinfer_dtype: str = "fp32"  # what batchinfer's precision resolved to on this host
+    runs: list[Any] = field(default_factory=list)  # batchinfer's RunResults of the timed repeats
+    model_only: float | None = None  # the same predictor alone, in this process: uint8 batches on the device
+    decode: str = "tasks"  # what batchinfer's compute.decode resolved to
+
+    def steady(self) -> float | None:
+        """batchinfer's median rows/s after its first committed shard (start-up excluded)."""
+        rates = [r.steady_rows_per_second for r in self.runs if r.steady_rows_per_second]
+        return statistics.median(rates) if rates else None
+
+    def first_row(self) -> float | None:
+        """batchinfer's median seconds from the job's start to its first prediction."""
+        times = [r.time_to_first_row for r in self.runs if r.time_to_first_row is not None]
+        return statistics.median(times) if times else None
 
     def median(self, method: str) -> float:
         return statistics.median(s.images_per_second for s in self.samples[method])
@@ -56,7 +71,12 @@ def batchinfer_spec(config: BenchConfig, input_dir: Path, output_dir: Path) -> B
         {
             "model": {"torchvision": {"name": config.model, "weights": "NONE"}},
             "input": {"uri": str(input_dir)},
-            "output": {"uri": str(output_dir), "mode": "overwrite"},
+            # Shards of a tenth of the images: the steady-state rate (after the first shard) covers most of the run.
+            "output": {
+                "uri": str(output_dir),
+                "mode": "overwrite",
+                "shardRows": max(config.batch_size, config.images // 10),
+            },
             "batching": {"batchSize": config.batch_size},
             "compute": {
                 "device": config.device,
@@ -67,21 +87,49 @@ def batchinfer_spec(config: BenchConfig, input_dir: Path, output_dir: Path) -> B
                 "preprocessCpus": 1,
                 "torchThreads": cpus,
                 "precision": config.precision,
+                "decode": config.decode,
             },
         }
     )
 
 
-def method_runs(config: BenchConfig, paths: list[Path], output_dir: Path) -> dict[str, Callable[[], int]]:
-    """One callable per method over the same images; each returns the number of images it predicted."""
+def method_runs(
+    config: BenchConfig, paths: list[Path], output_dir: Path, runs: list[Any] | None = None
+) -> dict[str, Callable[[], int]]:
+    """One callable per method over the same images; each returns the number of images it predicted.
+    batchinfer's RunResults go into `runs` (time to first row, steady-state rows/s)."""
     from batchinfer_job.pipeline import run_pipeline
 
     spec = batchinfer_spec(config, paths[0].parent, output_dir)
+    kept = [] if runs is None else runs
+
+    def batchinfer() -> int:
+        kept.append(run_pipeline(spec))
+        return int(kept[-1].total)
+
     return {
         "plain": lambda: plain_loop(paths, config.model, config.device, config.batch_size),
         "seed": lambda: seed_recipe(paths, config.model, config.device, config.batch_size, actors=1),
-        "batchinfer": lambda: run_pipeline(spec).total,
+        "batchinfer": batchinfer,
     }
+
+
+def model_only_rate(config: BenchConfig) -> float:
+    """batchinfer's predictor alone, built as its actor builds it, on uint8 batches already on the device."""
+    from batchinfer_job.bench.predictor_bench import model_only
+    from batchinfer_job.predictor import PredictorConfig, TorchPredictor
+
+    spec = batchinfer_spec(config, Path("in"), Path("out"))  # paths unused: only its model and compute
+    predictor = TorchPredictor(
+        PredictorConfig(
+            model=spec.model.model_dump(mode="json", exclude_none=True),
+            device=config.device,
+            precision=config.precision,
+            threads=spec.compute.torchThreads or 1,
+            optimize=spec.compute.optimize,
+        )
+    )
+    return model_only(predictor, config.batch_size, batches=max(3, min(config.images, 2048) // config.batch_size))
 
 
 def resolved_precision(config: BenchConfig) -> str:
@@ -103,11 +151,14 @@ def run_pipeline_bench(config: BenchConfig, log: Callable[[str], None] = print) 
     folder = config.folder.resolve()  # Ray's workers start in a folder of their own: relative paths miss
     paths = make_image_set(folder / f"images-{config.images}", config.images)
     warmup_paths = make_image_set(folder / f"warmup-{config.warmup_images}", config.warmup_images, seed=1)
+    from batchinfer_job.pipeline import decode_mode
+
     result = BenchResult(config, batchinfer_dtype=resolved_precision(config))
+    result.decode = decode_mode(batchinfer_spec(config, folder / "in", folder / "out"))
     with tempfile.TemporaryDirectory() as out:
         for method, run in method_runs(config, warmup_paths, Path(out) / "warmup").items():
             log(f"warm-up {method:10s} {timed(run).images_per_second:7.1f} img/s ({len(warmup_paths)} images, untimed)")
-        runs = method_runs(config, paths, Path(out) / "predictions")
+        runs = method_runs(config, paths, Path(out) / "predictions", result.runs)
         for repeat in range(config.repeats):
             for method in METHODS:
                 sample = timed(runs[method])
@@ -118,6 +169,8 @@ def run_pipeline_bench(config: BenchConfig, log: Callable[[str], None] = print) 
                     f"repeat {repeat + 1}/{config.repeats} {method:10s} {sample.images_per_second:7.1f} img/s "
                     f"({sample.seconds:.1f} s, peak RSS {sample.peak_rss / 2**20:.0f} MiB)"
                 )
+    result.model_only = model_only_rate(config)  # after the runs: nothing else is using the cores
+    log(f"model-only {result.model_only:7.1f} img/s (batchinfer's predictor in this process)")
     return result
 
 
@@ -136,7 +189,19 @@ def table(result: BenchResult) -> list[str]:
             f"{LABELS[method]:26s} {result.median(method):14.1f} {f'{low:.1f}-{high:.1f}':>18s} "
             f"{result.median(method) / plain:8.2f}x {result.peak_rss_mib(method):13.0f}"
         )
-    return lines
+    return lines + model_only_lines(result)
+
+
+def model_only_lines(result: BenchResult) -> list[str]:
+    """(c) against its own model alone, both from this run: how much of the model's rate the pipeline keeps."""
+    steady, first_row = result.steady(), result.first_row()
+    if result.model_only is None or steady is None:
+        return []
+    return [
+        f"(c) decode={result.decode}: steady state {steady:.1f} img/s (after the first shard, median) = "
+        f"{100 * steady / result.model_only:.0f}% of model-only {result.model_only:.1f} img/s"
+        + ("" if first_row is None else f"; time to first row {first_row:.1f} s (median)")
+    ]
 
 
 def summary_line(result: BenchResult) -> str:
