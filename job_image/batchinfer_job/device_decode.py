@@ -94,8 +94,8 @@ def resize_and_crop_batch(images: Sequence[torch.Tensor], geometries: Sequence[G
             piece = cuts[i].pixels
             padded[j, :, : piece.shape[1], : piece.shape[2]] = piece
         params = torch.tensor([cuts[i].axes for i in group], dtype=torch.float32, device=device)
-        wy = _weights(params[:, 4:], crop, height)  # (G, crop, H)
-        wx = _weights(params[:, :4], crop, width)  # (G, crop, W)
+        wy = _weights(params[:, 3:], crop, height)  # (G, crop, H)
+        wx = _weights(params[:, :3], crop, width)  # (G, crop, W)
         across = (padded @ wx.unsqueeze(1).transpose(-1, -2)).round_().clamp_(0, 255)  # PIL's first pass
         out[group] = (wy.unsqueeze(1) @ across).round_().clamp_(0, 255)
     return out
@@ -104,7 +104,7 @@ def resize_and_crop_batch(images: Sequence[torch.Tensor], geometries: Sequence[G
 @dataclass(frozen=True)
 class _Cut:
     pixels: torch.Tensor  # the rows and columns of the image the crop's filters read (a view)
-    axes: tuple[float, ...]  # per axis (x then y): scale, first crop pixel's centre in the cut, size, spare
+    axes: tuple[float, ...]  # per axis (x, then y): scale, the first crop pixel's centre in the cut, cut size
 
 
 def _cut(image: torch.Tensor, geo: Geometry, crop: int) -> _Cut:
@@ -114,14 +114,14 @@ def _cut(image: torch.Tensor, geo: Geometry, crop: int) -> _Cut:
         support = max(scale, 1.0)  # the triangle's half-width in source pixels
         lo = max(0, math.floor(first * scale - support) - 1)
         hi = min(size, math.ceil((first + crop) * scale + support) + 1)
-        spans.append((lo, hi, (scale, (first + 0.5) * scale - lo, hi - lo, 0.0)))
+        spans.append((lo, hi, (scale, (first + 0.5) * scale - lo, hi - lo)))
     (x0, x1, ax), (y0, y1, ay) = spans
     return _Cut(image[:, y0:y1, x0:x1], (*ax, *ay))
 
 
 def _weights(axis: torch.Tensor, crop: int, length: int) -> torch.Tensor:
     """PIL's bilinear resampling weights (G, crop, length) for G images' axis parameters (scale, first centre,
-    size, _): triangle of half-width max(scale, 1) around each output pixel's centre, normalised, and zero at and
+    size): triangle of half-width max(scale, 1) around each output pixel's centre, normalised, and zero at and
     beyond the image's size."""
     scale, first, size = axis[:, 0:1], axis[:, 1:2], axis[:, 2:3]
     centres = first + scale * torch.arange(crop, device=axis.device, dtype=axis.dtype)  # (G, crop)
@@ -176,7 +176,7 @@ def decode_on_device(
         geometries.append(geo)
     if rows:
         crops = resize_and_crop_batch(images, geometries, crop)
-        out[rows] = crops.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        out[rows] = crops.to(torch.uint8).permute(0, 2, 3, 1)  # already rounded and clamped
     for i in fallback:
         try:
             out[i] = torch.tensor(decode_image(datas[i], preprocess, max_pixels), device=device)
