@@ -37,12 +37,15 @@ def uri_batch(paths: list[Path]) -> dict[str, np.ndarray]:
     return {"key": names, "uri": names}
 
 
-def on_device(batch: dict[str, np.ndarray], preprocess: Preprocess = PRE, max_pixels: int = 10**9):
+DECODERS = {"torchcodec": device_decode.torchcodec_decoder(), "torchvision": device_decode.torchvision_decoder()}
+
+
+def on_device(batch: dict[str, np.ndarray], max_pixels: int = 10**9, decoder: str = device_decode.JPEG_DECODER_NAME):
     """What the model actor makes of a batch: fetch (CPU task), then decode on the device (here the CPU)."""
     fetched = fetch_batch(batch, max_pixels=max_pixels)
     errors = [e or None for e in fetched["error"]]
     images = device_decode.decode_on_device(
-        list(fetched["data"]), list(fetched["device"]), errors, preprocess, CPU, max_pixels
+        list(fetched["data"]), list(fetched["device"]), errors, PRE, CPU, max_pixels, DECODERS[decoder]
     )
     return fetched, images.numpy(), errors
 
@@ -89,10 +92,11 @@ def _encoded(img: Image.Image, fmt: str, **options: object) -> bytes:
     return out.getvalue()
 
 
-def test_hostile_files_give_the_same_error_rows_or_fallbacks_as_tasks(hostile: list[Path]) -> None:
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
+def test_hostile_files_give_the_same_error_rows_or_fallbacks_as_tasks(hostile: list[Path], decoder: str) -> None:
     max_pixels = 5_000_000  # huge.png (6 MP) is refused from its header, as in tasks
     tasks = decode_batch(uri_batch(hostile), preprocess=PRE, max_pixels=max_pixels)
-    fetched, images, errors = on_device(uri_batch(hostile), max_pixels=max_pixels)
+    fetched, images, errors = on_device(uri_batch(hostile), max_pixels=max_pixels, decoder=decoder)
     by_name = {p.name: i for i, p in enumerate(hostile)}
     assert [kind(e) for e in tasks["error"]] == [kind(e) for e in errors]
     expected_errors = {"corrupt_000.jpg", "text.jpg", "huge.png", "truncated.jpg", "half.jpg"}
@@ -110,14 +114,28 @@ def test_hostile_files_give_the_same_error_rows_or_fallbacks_as_tasks(hostile: l
     assert np.abs(images[strip].astype(int) - tasks["image"][strip].astype(int)).mean() < 1.0
 
 
-def test_device_pixels_match_tasks_to_rounding(photo_dir: Path) -> None:
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
+def test_device_pixels_match_tasks_to_rounding(photo_dir: Path, decoder: str) -> None:
     paths = sorted(photo_dir.iterdir())
     tasks = decode_batch(uri_batch(paths), preprocess=PRE)
-    fetched, images, errors = on_device(uri_batch(paths))
+    fetched, images, errors = on_device(uri_batch(paths), decoder=decoder)
     decoded_here = np.asarray(fetched["device"]) & np.asarray([e is None for e in errors])
     assert decoded_here.sum() >= 16
     diff = np.abs(images[decoded_here].astype(int) - tasks["image"][decoded_here].astype(int))
     assert diff.max() <= 2 and (diff > 0).mean() < 0.01  # PIL rounds in fixed point; we in float
+
+
+def test_torchvision_decodes_where_torchcodec_cannot_load(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def unloadable() -> device_decode.JpegDecoder:
+        raise RuntimeError("Could not load libtorchcodec: built for another torch")
+
+    assert device_decode.JPEG_DECODER_NAME == "torchcodec"  # what this project's image installs
+    monkeypatch.setattr(device_decode, "torchcodec_decoder", unloadable)
+    with caplog.at_level("WARNING", logger="batchinfer.device_decode"):
+        name, _ = device_decode.pick_jpeg_decoder()
+    assert name == "torchvision" and "built for another torch" in caplog.text
 
 
 def test_a_batch_in_bytes_decodes_like_the_same_files_by_uri(photo_dir: Path) -> None:

@@ -1,11 +1,11 @@
 """Model-actor stage of compute.decode=device: a batch of encoded images → uint8 crops on the model's device.
 
 JPEGs the CPU stage marked decodable (`decode.device_decodable`) are decoded in one batched call on the device
-(TorchCodec: nvJPEG on a GPU, libjpeg-turbo on a CPU), then resized and centre-cropped together: two batched
-matrix products with PIL's own resampling weights for the whole batch (per-image resizes cost a kernel set each
-and capped a GPU below the model's rate). Everything else — PNG, WebP, CMYK, a JPEG the device refuses or warns
-about — takes the tasks decoder (`decode.decode_image`) in the actor, so a row fails or succeeds exactly as it
-would with compute.decode=tasks; nothing is lost.
+(TorchCodec, or torchvision.io where TorchCodec cannot load: nvJPEG on a GPU, libjpeg-turbo on a CPU), then
+resized and centre-cropped together: two batched matrix products with PIL's own resampling weights for the whole
+batch (per-image resizes cost a kernel set each and capped a GPU below the model's rate). Everything else — PNG,
+WebP, CMYK, a JPEG the device refuses or warns about — takes the tasks decoder (`decode.decode_image`) in the
+actor, so a row fails or succeeds exactly as it would with compute.decode=tasks; nothing is lost.
 
 Pixels match the tasks path except where a sum lands within float rounding of .5 (PIL sums in fixed point):
 agreement is checked on pixels and predictions (tests/test_device_decode.py).
@@ -13,17 +13,45 @@ agreement is checked on pixels and predictions (tests/test_device_decode.py).
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torchcodec.decoders import decode_jpeg
 
 from batchinfer_job.decode import DECODE_ERRORS, Preprocess, crop_span, decode_image, resized_size
 
-PAD_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}  # float32 padded images per roi_align call
+log = logging.getLogger("batchinfer.device_decode")
+PAD_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}  # float32 padded images per batched resize
+JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
+
+
+def torchcodec_decoder() -> JpegDecoder:
+    from torchcodec.decoders import decode_jpeg
+
+    return lambda encoded, device: list(decode_jpeg(encoded, mode="RGB", device=device))
+
+
+def torchvision_decoder() -> JpegDecoder:
+    """torchvision.io's JPEG decoder (nvJPEG on CUDA): deprecated since torchvision 0.29 for TorchCodec, kept for
+    images whose torch has no matching TorchCodec build."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return lambda encoded, device: list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+
+
+def pick_jpeg_decoder() -> tuple[str, JpegDecoder]:
+    """TorchCodec when it loads against this torch, else torchvision.io (logged, with the reason)."""
+    try:
+        return "torchcodec", torchcodec_decoder()
+    except (ImportError, OSError, RuntimeError) as err:  # not installed, or built for another torch
+        log.warning("jpeg_decoder=torchvision torchcodec_unavailable=%r", err)
+        return "torchvision", torchvision_decoder()
+
+
+JPEG_DECODER_NAME, JPEG_DECODER = pick_jpeg_decoder()
 
 
 @dataclass(frozen=True)
@@ -47,27 +75,31 @@ def geometry(width: int, height: int, preprocess: Preprocess) -> Geometry | None
     return Geometry(width / new_w, height / new_h, left, top)
 
 
-def decode_jpegs(datas: Sequence[bytes], device: torch.device) -> list[torch.Tensor | None]:
+def decode_jpegs(
+    datas: Sequence[bytes], device: torch.device, decoder: JpegDecoder | None = None
+) -> list[torch.Tensor | None]:
     """RGB uint8 (3, H, W) tensors on `device`, one batched call; None for an image the decoder refuses or
     warns about (corrupt data it would paper over), found by decoding that call's images one by one."""
+    decoder = decoder or JPEG_DECODER
     encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]  # writable copies
     if not encoded:
         return []
-    batched = _decode(encoded, device)
+    batched = _decode(decoder, encoded, device)
     if batched is not None:
         return list(batched)
-    singles = [_decode([e], device) for e in encoded]
+    singles = [_decode(decoder, [e], device) for e in encoded]
     return [None if one is None else one[0] for one in singles]
 
 
-def _decode(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor] | None:
+def _decode(decoder: JpegDecoder, encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor] | None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            decoded = decode_jpeg(encoded, mode="RGB", device=device)
+            decoded = decoder(encoded, device)
         except RuntimeError:
             return None
-    return None if caught else list(decoded)
+    about_data = [w for w in caught if not issubclass(w.category, DeprecationWarning)]  # not torchvision's notice
+    return None if about_data else decoded
 
 
 def resize_and_crop_batch(images: Sequence[torch.Tensor], geometries: Sequence[Geometry], crop: int) -> torch.Tensor:
@@ -155,6 +187,7 @@ def decode_on_device(
     preprocess: Preprocess,
     device: torch.device,
     max_pixels: int,
+    decoder: JpegDecoder | None = None,
 ) -> torch.Tensor:
     """uint8 (N, crop, crop, 3) crops on `device` for a batch; fills `errors` for rows that cannot be decoded.
 
@@ -166,7 +199,7 @@ def decode_on_device(
     candidates = [i for i, ok in enumerate(on_device) if ok and errors[i] is None]
     fallback = [i for i, ok in enumerate(on_device) if not ok and errors[i] is None]
     rows, images, geometries = [], [], []
-    for i, image in zip(candidates, decode_jpegs([datas[i] for i in candidates], device), strict=True):
+    for i, image in zip(candidates, decode_jpegs([datas[i] for i in candidates], device, decoder), strict=True):
         geo = None if image is None else geometry(image.shape[2], image.shape[1], preprocess)
         if image is None or geo is None:
             fallback.append(i)
