@@ -56,6 +56,23 @@ def test_model_only_and_time_to_first_row_follow_from_the_runs() -> None:
     )
 
 
+def test_only_the_chosen_methods_are_tabled_and_compared() -> None:
+    result = BenchResult(BenchConfig(images=100, methods=("batchinfer",)))
+    result.samples["batchinfer"] = samples([4.0])  # 25 img/s
+    rows = [line for line in table(result) if line.startswith("(")]
+    assert len(rows) == 1 and rows[0].split()[:3] == ["(c)", "batchinfer", "25.0"] and " - " in rows[0]
+    assert summary_line(result) == "batchinfer_images_per_second=25.0"
+    result = BenchResult(BenchConfig(images=100, methods=("seed", "batchinfer")))
+    result.samples["seed"], result.samples["batchinfer"] = samples([10.0]), samples([4.0])
+    assert summary_line(result) == "speedup_vs_seed=2.50"
+
+
+def test_methods_without_batchinfer_or_unknown_are_refused_naming_the_option() -> None:
+    for methods in ("plain,seed", "plain,batchinfer,fastest"):
+        result = CliRunner().invoke(app, ["bench", "--methods", methods, "--device", "cpu"])
+        assert result.exit_code == 2 and "--methods" in result.output and "with batchinfer" in result.output
+
+
 def test_the_header_names_the_precision_batchinfer_resolved_to() -> None:
     result = BenchResult(BenchConfig(precision="auto"), batchinfer_dtype="bf16")
     for method in METHODS:

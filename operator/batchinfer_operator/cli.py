@@ -176,6 +176,11 @@ def bench(
         "labels, shards and commit records, to moto S3 unless --output-uri is given) or inputs (driver peak RSS "
         "and time to first row for N and 10N inputs of each input kind).",
     ),
+    methods: str = typer.Option(
+        "plain,seed,batchinfer",
+        help="pipeline stage: which of (a) plain, (b) seed, (c) batchinfer to run, comma-separated (batchinfer "
+        "always; e.g. only batchinfer for a quick GPU check of its model-only ratio).",
+    ),
     decode: Literal["auto", "tasks", "device"] = typer.Option(
         "auto", help="pipeline stage: batchinfer's compute.decode (auto: device on a GPU, tasks on a CPU)."
     ),
@@ -227,17 +232,21 @@ def bench(
         return
     from batchinfer_job.bench.pipeline_bench import BenchConfig, bar_chart, run_pipeline_bench, summary_line, table
 
-    config = BenchConfig(
-        images=images,
-        model=model or ("resnet152" if device == "cuda" else "resnet18"),
-        device=device,
-        repeats=repeats,
-        batch_size=batch_size,
-        warmup_images=warmup_images,
-        precision=precision,
-        decode=decode,
-        folder=out,
-    )
+    try:
+        config = BenchConfig(
+            images=images,
+            model=model or ("resnet152" if device == "cuda" else "resnet18"),
+            device=device,
+            repeats=repeats,
+            batch_size=batch_size,
+            warmup_images=warmup_images,
+            precision=precision,
+            decode=decode,
+            folder=out,
+            methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--methods") from None
     result = run_pipeline_bench(config, log=lambda line: typer.echo(line, err=True))
     lines = table(result)
     stem = out / f"bench-{config.model}-{config.device}-{images}"

@@ -30,6 +30,17 @@ class BenchConfig:
     precision: str = "auto"  # batchinfer's compute.precision; (a) and (b) run fp32 as the seed recipe does
     decode: str = "auto"  # batchinfer's compute.decode
     folder: Path = Path("build/bench")
+    methods: tuple[str, ...] = METHODS  # which of (a), (b), (c) to run; (c) always (e.g. GPU checks: only c)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.methods) - set(METHODS)
+        if unknown or "batchinfer" not in self.methods:
+            raise ValueError(f"methods {sorted(self.methods)}: choose from {', '.join(METHODS)}, with batchinfer")
+
+    @property
+    def chosen(self) -> list[str]:
+        """The methods to run, in the table's order."""
+        return [m for m in METHODS if m in self.methods]
 
 
 @dataclass
@@ -157,10 +168,12 @@ def run_pipeline_bench(config: BenchConfig, log: Callable[[str], None] = print) 
     result.decode = decode_mode(batchinfer_spec(config, folder / "in", folder / "out"))
     with tempfile.TemporaryDirectory() as out:
         for method, run in method_runs(config, warmup_paths, Path(out) / "warmup").items():
+            if method not in config.methods:
+                continue
             log(f"warm-up {method:10s} {timed(run).images_per_second:7.1f} img/s ({len(warmup_paths)} images, untimed)")
         runs = method_runs(config, paths, Path(out) / "predictions", result.runs)
         for repeat in range(config.repeats):
-            for method in METHODS:
+            for method in config.chosen:
                 sample = timed(runs[method])
                 if sample.images != config.images:
                     raise RuntimeError(f"{method} predicted {sample.images} of {config.images} images")
@@ -176,18 +189,19 @@ def run_pipeline_bench(config: BenchConfig, log: Callable[[str], None] = print) 
 
 def table(result: BenchResult) -> list[str]:
     c = result.config
-    plain = result.median("plain")
+    plain = result.median("plain") if "plain" in c.methods else None
     lines = [
         f"model={c.model} device={c.device} images={c.images} repeats={c.repeats} batch={c.batch_size} "
         f"cpus={os.cpu_count()} warm-up={c.warmup_images} images per method (untimed)",
         f"precision: (a) and (b) fp32, (c) {result.batchinfer_dtype} (compute.precision={c.precision})",
         f"{'method':26s} {'img/s (median)':>14s} {'spread (min-max)':>18s} {'vs plain':>9s} {'peak RSS MiB':>13s}",
     ]
-    for method in METHODS:
+    for method in c.chosen:
         low, high = result.spread(method)
+        ratio = f"{result.median(method) / plain:8.2f}x" if plain else f"{'-':>9s}"
         lines.append(
             f"{LABELS[method]:26s} {result.median(method):14.1f} {f'{low:.1f}-{high:.1f}':>18s} "
-            f"{result.median(method) / plain:8.2f}x {result.peak_rss_mib(method):13.0f}"
+            f"{ratio} {result.peak_rss_mib(method):13.0f}"
         )
     return lines + model_only_lines(result)
 
@@ -205,8 +219,10 @@ def model_only_lines(result: BenchResult) -> list[str]:
 
 
 def summary_line(result: BenchResult) -> str:
+    """The last line scripts read: batchinfer's speed-up over each baseline that ran (or its rate alone)."""
     ours = result.median("batchinfer")
-    return f"speedup_vs_plain={ours / result.median('plain'):.2f} speedup_vs_seed={ours / result.median('seed'):.2f}"
+    ratios = [f"speedup_vs_{m}={ours / result.median(m):.2f}" for m in ("plain", "seed") if m in result.config.methods]
+    return " ".join(ratios) or f"batchinfer_images_per_second={ours:.1f}"
 
 
 def bar_chart(result: BenchResult, path: Path) -> Path:
@@ -215,11 +231,13 @@ def bar_chart(result: BenchResult, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    medians = [result.median(m) for m in METHODS]
-    lows = [medians[i] - result.spread(m)[0] for i, m in enumerate(METHODS)]
-    highs = [result.spread(m)[1] - medians[i] for i, m in enumerate(METHODS)]
+    methods = result.config.chosen
+    medians = [result.median(m) for m in methods]
+    lows = [medians[i] - result.spread(m)[0] for i, m in enumerate(methods)]
+    highs = [result.spread(m)[1] - medians[i] for i, m in enumerate(methods)]
+    colours = {"plain": "#999", "seed": "#c96", "batchinfer": "#369"}
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar([LABELS[m] for m in METHODS], medians, yerr=[lows, highs], color=["#999", "#c96", "#369"], capsize=6)
+    ax.bar([LABELS[m] for m in methods], medians, yerr=[lows, highs], color=[colours[m] for m in methods], capsize=6)
     c = result.config
     ax.set_ylabel("images / second (median, min-max)")
     ax.set_title(f"{c.model} on {c.device}, {c.images} images, {c.repeats} repeats")
