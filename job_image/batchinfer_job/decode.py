@@ -7,6 +7,7 @@ Resize and crop reproduce torchvision's PIL transforms exactly, so results match
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,30 +146,42 @@ def decode_batch(
     `partition` (passed through). Out: `key`, `image` uint8 (N, crop, crop, 3), `error` ("" on success: an
     all-null column would not survive Ray's Arrow round trip as strings), and `partition` when it came in.
     """
-    keys = batch["key"]
-    count = len(keys)
-    images = np.zeros((count, preprocess.crop, preprocess.crop, 3), dtype=np.uint8)
-    errors: list[str] = [error_or_none(e) or "" for e in batch["error"]] if "error" in batch else [""] * count
-    for i in range(count):
-        if errors[i]:
-            continue
-        try:
-            data = read_bytes(batch, i, max_bytes)
-        except OSError as err:
-            errors[i] = _read_error(err)
-            continue
+    errors = _incoming_errors(batch)
+    images = np.zeros((len(errors), preprocess.crop, preprocess.crop, 3), dtype=np.uint8)
+    for i, data in _readable(batch, errors, max_bytes):
         try:
             images[i] = decode_image(data, preprocess, max_pixels)
         except DECODE_ERRORS as err:
             errors[i] = _error("decode", err)
-    out = {"key": np.asarray(keys, dtype=object), "image": images, "error": np.asarray(errors, dtype=object)}
+    return _out(batch, errors, image=images)
+
+
+def _incoming_errors(batch: dict[str, np.ndarray]) -> list[str]:
+    """Each row's error so far ("" for none): the read task's, when the batch carries them."""
+    if "error" not in batch:
+        return [""] * len(batch["key"])
+    return [error_or_none(e) or "" for e in batch["error"]]
+
+
+def _readable(batch: dict[str, np.ndarray], errors: list[str], max_bytes: int | None) -> Iterator[tuple[int, bytes]]:
+    """(row, encoded image) for every row without an error yet; a row that cannot be read gets its read error."""
+    for i, error in enumerate(errors):
+        if error:
+            continue
+        try:
+            data = read_bytes(batch, i, max_bytes)
+        except OSError as err:
+            errors[i] = "read: empty image column" if isinstance(err, EmptyImageError) else _error("read", err)
+            continue
+        yield i, data
+
+
+def _out(batch: dict[str, np.ndarray], errors: list[str], **columns: np.ndarray) -> dict[str, Any]:
+    """`key`, the stage's own columns, `error`, and `partition` passed through when it came in."""
+    out = {"key": np.asarray(batch["key"], dtype=object), **columns, "error": np.asarray(errors, dtype=object)}
     if "partition" in batch:
         out["partition"] = batch["partition"]
     return out
-
-
-def _read_error(err: OSError) -> str:
-    return "read: empty image column" if isinstance(err, EmptyImageError) else _error("read", err)
 
 
 def fetch_batch(
@@ -180,34 +193,17 @@ def fetch_batch(
     model's device can decode it, see `device_decodable`), `error` and `partition` when it came in. Rows that
     are not images, too large or too many pixels get exactly the error rows `decode_batch` gives them.
     """
-    keys = batch["key"]
-    count = len(keys)
-    errors: list[str] = [error_or_none(e) or "" for e in batch["error"]] if "error" in batch else [""] * count
-    datas: list[bytes] = [b""] * count
-    on_device = np.zeros(count, dtype=bool)
-    for i in range(count):
-        if errors[i]:
-            continue
-        try:
-            data = read_bytes(batch, i, max_bytes)
-        except OSError as err:
-            errors[i] = _read_error(err)
-            continue
+    errors = _incoming_errors(batch)
+    datas: list[bytes] = [b""] * len(errors)
+    on_device = np.zeros(len(errors), dtype=bool)
+    for i, data in _readable(batch, errors, max_bytes):
         try:
             on_device[i] = device_decodable(data, max_pixels)
         except DECODE_ERRORS as err:
             errors[i] = _error("decode", err)
             continue
         datas[i] = data
-    out = {
-        "key": np.asarray(keys, dtype=object),
-        "data": np.asarray(datas, dtype=object),
-        "device": on_device,
-        "error": np.asarray(errors, dtype=object),
-    }
-    if "partition" in batch:
-        out["partition"] = batch["partition"]
-    return out
+    return _out(batch, errors, data=np.asarray(datas, dtype=object), device=on_device)
 
 
 def error_or_none(value: object) -> str | None:

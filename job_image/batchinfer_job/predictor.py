@@ -240,21 +240,20 @@ class TorchPredictor:
             return
         loaded = load_model(spec)
         self.categories = loaded.categories
-        pre = self.preprocess
         self.model, self.optimized = optimize_model(
             loaded.module.to(self.device).eval(),
             config.optimize,
             self.device,
             self.dtype,
-            example=torch.zeros(2, 3, pre.crop, pre.crop, device=self.device),
+            example=torch.zeros(2, 3, self.preprocess.crop, self.preprocess.crop, device=self.device),
         )
         # Frozen TorchScript (oneDNN) wants plain NCHW; eager convolutions run faster channels-last.
         self.memory_format = torch.contiguous_format if self.optimized == "torchscript" else torch.channels_last
         if self.optimized != "torchscript":
             self.model = self.model.to(memory_format=torch.channels_last)
         shape = (1, 3, 1, 1)
-        self.mean = torch.tensor([m * 255 for m in pre.mean], device=self.device).view(shape)
-        self.std = torch.tensor([s * 255 for s in pre.std], device=self.device).view(shape)
+        self.mean = torch.tensor([m * 255 for m in self.preprocess.mean], device=self.device).view(shape)
+        self.std = torch.tensor([s * 255 for s in self.preprocess.std], device=self.device).view(shape)
         log.info(
             "model_ready device=%s precision=%s optimize=%s threads=%d",
             self.device,
