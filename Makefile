@@ -22,7 +22,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 K8S_DIR  := $(BUILD)/k8s
 
 .PHONY: help setup demo test lint format crds docs manifests lock helm bench bench-operator images kind-e2e \
-	k8s-binaries k8s-up k8s-down clean
+	k8s-binaries k8s-up k8s-down kuberay-crds clean
 
 help: ## List targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -59,6 +59,14 @@ k8s-up: $(STAMP) $(HELM) k8s-binaries ## Start a real control plane on 127.0.0.1
 
 k8s-down: ## Stop what `make k8s-up` started
 	test ! -x $(BIN)/python || $(BIN)/python -m tests.controlplane down $(K8S_DIR)
+
+KUBERAY_CRD_VERSION ?= v1.7.0
+kuberay-crds: ## Refresh manifests/kuberay from the ray-operator Go module (KUBERAY_CRD_VERSION=v1.7.0)
+	dir=$$(cd /tmp && GOFLAGS=-mod=mod go mod download -json github.com/ray-project/kuberay/ray-operator@$(KUBERAY_CRD_VERSION) \
+	  | sed -n 's/^\s*"Dir": "\(.*\)",$$/\1/p') && test -n "$$dir" && \
+	for f in rayjobs rayclusters rayservices; do cp "$$dir/config/crd/bases/ray.io_$$f.yaml" manifests/kuberay/; done && \
+	cp "$$dir/LICENSE" manifests/kuberay/LICENSE && chmod u+w manifests/kuberay/* && \
+	sha256sum manifests/kuberay/*.yaml && echo "update the version and sha256 table in manifests/kuberay/README.md"
 
 lint: $(STAMP) ## ruff check + format check + mypy (operator/ and job_image/)
 	$(BIN)/ruff check .

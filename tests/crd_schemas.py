@@ -15,7 +15,7 @@ import yaml
 
 from batchinfer_operator.crd import crd_manifest
 
-KUBERAY = Path(__file__).resolve().parents[2] / "shared" / "vendor" / "kuberay"
+KUBERAY = Path(__file__).resolve().parents[1] / "manifests" / "kuberay"
 
 
 def version_schema(crd: dict[str, Any], version: str) -> dict[str, Any]:

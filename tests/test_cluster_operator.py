@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from kubernetes.client.rest import ApiException
 
@@ -355,3 +358,19 @@ def test_a_restricted_namespace_admits_every_pod_kuberay_creates(cluster: Cluste
         if "PodSecurity" in (e.message or "")
     ]
     assert refused == []
+
+
+# KubeRay's manager waits 2 minutes for every informer's cache (controller-runtime's CacheSyncTimeout) and v1.6.1
+# always starts its RayService controller: without that CRD it exits then. A little past it, to be sure.
+KUBERAY_CACHE_SYNC_SECONDS = 120 + 15
+
+
+def test_kuberay_outlives_its_cache_sync_timeout(control_plane) -> None:
+    process = psutil.Process(control_plane.pids["ray-operator"])
+    age = time.time() - process.create_time()
+    if age < KUBERAY_CACHE_SYNC_SECONDS:
+        time.sleep(KUBERAY_CACHE_SYNC_SECONDS - age)
+    log = (control_plane.folder / "ray-operator.log").read_text(errors="replace")
+    assert process.is_running() and process.status() != psutil.STATUS_ZOMBIE, log[-3000:]
+    assert "failed to wait for rayservice caches to sync" not in log
+    assert re.search(r"controllers\.RayService\s+Starting workers", log), log[-3000:]  # its cache synced

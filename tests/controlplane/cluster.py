@@ -28,7 +28,7 @@ from tests.controlplane import pki
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-VENDORED_KUBERAY = REPO.parent / "shared" / "vendor" / "kuberay"
+VENDORED_KUBERAY = REPO / "manifests" / "kuberay"
 OUR_CRDS = REPO / "manifests" / "crds"
 LOOPBACK = "127.0.0.1"
 STATE_FILE = "state.json"
