@@ -241,6 +241,7 @@ def test_too_many_pixels_is_an_error_row_read_from_the_header(tmp_path: Path) ->
 
 
 def test_retries_are_finite_for_tasks_actors_and_oom_kills() -> None:
+    from batchinfer_job.capacity import Capacity, fit_stages
     from batchinfer_job.inputs import Partition
     from batchinfer_job.pipeline import TASK_RETRIES, ReadPlan, build_dataset
     from batchinfer_operator.render import Owner, render_children
@@ -256,12 +257,14 @@ def test_retries_are_finite_for_tasks_actors_and_oom_kills() -> None:
         assert {"name": "RAY_task_oom_retries", "value": str(TASK_RETRIES)} in container["env"]
 
     partitions = [Partition("/in#files-0", "files", "/in", ("/in/a.png",))]
-    plan = build_dataset(spec, ReadPlan(partitions, {}, ledger=None))._logical_plan.dag
+    shares = fit_stages(spec.compute, Capacity(2, 2, "test"))
+    plan = build_dataset(spec, ReadPlan(partitions, {}, ledger=None), shares)._logical_plan.dag
     predict, decode = plan, plan.input_dependencies[0]
     reblock = decode.input_dependencies[0]
     read = reblock.input_dependencies[0]  # read → repartition → decode
     assert read.ray_remote_args["max_retries"] == TASK_RETRIES
     assert reblock.ray_remote_args == read.ray_remote_args  # so Ray fuses them: no task of a whole CPU between
+    assert reblock.compute == read.compute  # the same bounded pool of read tasks, or Ray does not fuse them either
     assert decode.ray_remote_args["max_retries"] == TASK_RETRIES
     assert predict.ray_remote_args["max_restarts"] == TASK_RETRIES
     assert predict.ray_remote_args["max_task_retries"] == TASK_RETRIES

@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import ray
 
+    from batchinfer_job.capacity import planned_capacity
     from batchinfer_job.local import job_failures
     from batchinfer_job.pipeline import run_pipeline
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(logging_config=ray.LoggingConfig(encoding="TEXT", log_level="INFO"))
     reporter = StatusReporter.in_cluster()
     try:
-        result = run_pipeline(document.spec, on_progress=reporter)
+        result = run_pipeline(document.spec, on_progress=reporter, planned=planned_capacity(document.spec))
     except job_failures() as err:
         # KubeRay copies the job's last log lines into the RayJob's status.message, and the operator copies
         # that into the BatchInference: make the last line say what happened.

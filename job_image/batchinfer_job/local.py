@@ -77,6 +77,7 @@ def console_progress(report: ProgressReport) -> None:
 
 def job_failures() -> tuple[type[BaseException], ...]:
     """Errors that end a job with a clear message (imported lazily: they pull in ray)."""
+    from batchinfer_job.capacity import CapacityError
     from batchinfer_job.commit import OutputExistsError
     from batchinfer_job.inputs import InputError
     from batchinfer_job.locations import LocationError
@@ -85,6 +86,7 @@ def job_failures() -> tuple[type[BaseException], ...]:
     from batchinfer_job.predictor import PredictorContractError
 
     return (
+        CapacityError,
         OutputExistsError,
         InputError,
         ModelLoadError,

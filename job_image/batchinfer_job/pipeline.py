@@ -10,6 +10,7 @@ same job finished are not read again; partly done ones are read and filtered by 
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -21,10 +22,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import ray.data
 
-from batchinfer_job import commit, inputs, reading, storage
+from batchinfer_job import capacity, commit, inputs, reading, stall, storage
 from batchinfer_job.decode import decode_batch, fetch_batch
 from batchinfer_job.models import preprocess_for
 from batchinfer_job.predictor import (
@@ -41,9 +43,10 @@ SHARD_SECONDS = 20.0
 TASK_RETRIES = 3  # per decode task and model actor, also when the OOM killer ends them (see local.py)
 _DECODE_BYTES_PER_IMAGE = 4 * 2**20  # a large photo decoded at full size, its bytes and its crop
 _DECODE_BASE_BYTES = 256 * 2**20  # the worker process: interpreter, Ray, pyarrow and PIL (no torch)
-READ_CPUS = 0.25  # a read task mostly waits on storage; a small share keeps it from queueing behind decode
+DEFAULT_STALL_SECONDS = 600.0  # timeouts.stallSeconds when unset: nothing ends a job that stopped otherwise
 
 
+log = logging.getLogger(__name__)
 _FETCH_BYTES_PER_IMAGE = 2**20  # compute.decode=device: a task holds encoded bytes only
 
 
@@ -57,7 +60,7 @@ class ErrorThresholdExceededError(RuntimeError):
 
 
 class StallError(TimeoutError):
-    """No row was committed for timeouts.stallSeconds."""
+    """No row was committed for timeouts.stallSeconds; the message names the stage that starved."""
 
 
 class AllRowsFailedError(RuntimeError):
@@ -112,38 +115,43 @@ class ReadPlan:
     ledger: object  # a reading.PartitionLedger actor
 
 
-def build_dataset(spec: BatchInferenceSpec, plan: ReadPlan) -> ray.data.Dataset:
-    """The lazy Ray Data plan: read partitions and decode on CPU tasks, predict on the actor pool."""
+def build_dataset(spec: BatchInferenceSpec, plan: ReadPlan, shares: capacity.StageShares) -> ray.data.Dataset:
+    """The lazy Ray Data plan: read partitions and decode on CPU tasks, predict on the actor pool, each stage
+    asking for its fitted share of the cluster's CPUs (`capacity.fit_stages`)."""
     with warnings.catch_warnings():
         # Ray 2.60 deprecates the remote-args keywords (max_retries, max_restarts) without a replacement yet;
         # they are the only way to make retries finite, so the warning is silenced here, and only here.
         warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
-        return _build_dataset(spec, plan)
+        return _build_dataset(spec, plan, shares)
 
 
-def read_rows(input_spec: InputSpec, plan: ReadPlan, rows_per_block: int) -> ray.data.Dataset:
-    """Input rows, read by one task per partition, in blocks of one model batch (so decode runs in parallel
-    and predictions stream back batch by batch)."""
+def read_rows(
+    input_spec: InputSpec, plan: ReadPlan, rows_per_block: int, shares: capacity.StageShares
+) -> ray.data.Dataset:
+    """Input rows, read by one task per partition (at most `shares.read_tasks` at once), in blocks of one model
+    batch (so decode runs in parallel and predictions stream back batch by batch)."""
     partitions = ray.data.from_items([p.as_row() for p in plan.partitions], override_num_blocks=len(plan.partitions))
     rows = partitions.map_batches(
         reading.read_partitions,  # type: ignore[arg-type]  # Ray's UDF type wants positional-only batches
         fn_kwargs={"spec": input_spec, "ledger": plan.ledger, "done": plan.done_spans},
         batch_size=1,
-        num_cpus=READ_CPUS,
+        num_cpus=shares.read_cpus,
+        compute=ray.data.TaskPoolStrategy(size=shares.read_tasks),
         max_retries=TASK_RETRIES,
     )
     reblocked = rows.repartition(target_num_rows_per_block=rows_per_block)
-    # Ray Data fuses map_batches -> repartition into one task only when their remote args match, and
-    # `repartition` takes none (its tasks ask for a whole CPU). Unfused, a repartition task paused by backpressure
-    # held a CPU that decode needed: on 2 CPUs a 1,000,000-row job stopped committing after 56,000 rows. Giving
-    # it the read task's args makes every read task emit model-batch blocks itself (Ray 2.60's logical operator;
-    # tests/test_hostile_inputs.py checks that the two stay fusable).
+    # Ray Data fuses map_batches -> repartition into one task only when their remote args and task pools match,
+    # and `repartition` takes neither (its tasks ask for a whole CPU). Unfused, a repartition task paused by
+    # backpressure held a CPU that decode needed: on 2 CPUs a 1,000,000-row job stopped committing after 56,000
+    # rows. Giving it the read task's args and pool makes every read task emit model-batch blocks itself (Ray
+    # 2.60's logical operator; tests/test_hostile_inputs.py checks that the two stay fusable).
     read_op: Any = rows._logical_plan.dag  # a MapBatches logical operator
     object.__setattr__(reblocked._logical_plan.dag, "ray_remote_args", dict(read_op.ray_remote_args))
+    object.__setattr__(reblocked._logical_plan.dag, "compute", read_op.compute)
     return reblocked
 
 
-def _build_dataset(spec: BatchInferenceSpec, plan: ReadPlan) -> ray.data.Dataset:
+def _build_dataset(spec: BatchInferenceSpec, plan: ReadPlan, shares: capacity.StageShares) -> ray.data.Dataset:
     compute = spec.compute
     batch_size = default_batch_size(spec)
     decode = decode_mode(spec)
@@ -155,12 +163,12 @@ def _build_dataset(spec: BatchInferenceSpec, plan: ReadPlan) -> ray.data.Dataset
         if decode == "tasks"
         else (fetch_batch, limits)  # bytes only: the model actor decodes
     )
-    decoded = read_rows(spec.input, plan, batch_size).map_batches(
-        cpu_stage,  # type: ignore[arg-type]  # Ray's UDF type wants positional-only batches
-        fn_kwargs=kwargs,
+    decoded = read_rows(spec.input, plan, batch_size, shares).map_batches(
+        counted_stage,  # type: ignore[arg-type]  # Ray's UDF type wants positional-only batches
+        fn_kwargs={"stage": cpu_stage, "ledger": plan.ledger, **kwargs},
         batch_size=batch_size,
         batch_format="numpy",
-        num_cpus=compute.preprocessCpus,
+        num_cpus=shares.decode_cpus,
         # What a decode task holds: encoded and full-size decoded images plus the fixed-size output. Declared
         # resources that differ from the actor's also keep Ray from fusing decode into the model actor, so
         # decode runs in its own CPU tasks, overlapping the model instead of taking turns with it.
@@ -176,6 +184,7 @@ def _build_dataset(spec: BatchInferenceSpec, plan: ReadPlan) -> ray.data.Dataset
         optimize=compute.optimize,
         batch_timeout=spec.timeouts.perBatchSeconds,
         max_pixels=spec.input.maxImagePixels,
+        ledger=plan.ledger,
     )
     # Decoding in the actor: two calls at a time, so one batch decodes (its own CUDA stream) while the model,
     # behind the actor's lock, runs the other (TorchPredictor.__call__).
@@ -185,7 +194,7 @@ def _build_dataset(spec: BatchInferenceSpec, plan: ReadPlan) -> ray.data.Dataset
         fn_constructor_kwargs={"config": config},
         compute=ray.data.ActorPoolStrategy(
             min_size=compute.minActors,
-            max_size=compute.maxActors,
+            max_size=shares.max_actors,
             max_concurrent_calls_per_actor=2 if overlap else None,
             enable_true_multi_threading=overlap,
         ),
@@ -224,11 +233,11 @@ def check_not_all_failed(policy: ErrorPolicySpec, failed: int, total: int) -> No
         )
 
 
-def stream_tables(dataset: ray.data.Dataset, stall_seconds: float | None) -> Iterator[pa.Table]:
-    """Prediction tables as they come; StallError when none arrives within `stall_seconds`."""
-    if stall_seconds is None:
-        yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
-        return
+def stream_tables(
+    dataset: ray.data.Dataset, stall_seconds: float, diagnose: Callable[[], str] | None = None
+) -> Iterator[pa.Table]:
+    """Prediction tables as they come; StallError when none arrives within `stall_seconds`, saying what
+    `diagnose` finds (the stage that starved) at that moment."""
     items: queue.Queue = queue.Queue(maxsize=8)
     done = object()
 
@@ -245,9 +254,8 @@ def stream_tables(dataset: ray.data.Dataset, stall_seconds: float | None) -> Ite
         try:
             item = items.get(timeout=stall_seconds)
         except queue.Empty:
-            raise StallError(
-                f"no prediction for {stall_seconds:g} s (timeouts.stallSeconds): a model call or a worker hangs"
-            ) from None
+            why = diagnose() if diagnose else "a model call or a worker hangs"
+            raise StallError(f"no prediction for {stall_seconds:g} s (timeouts.stallSeconds): {why}") from None
         if item is done:
             return
         if isinstance(item, BaseException):
@@ -343,15 +351,46 @@ def _as_int(record: list) -> list:
     return [record[0], int(record[1], 16)]
 
 
-def run_pipeline(spec: BatchInferenceSpec, on_progress: Callable[[ProgressReport], None] | None = None) -> RunResult:
+def stall_diagnosis(
+    spec: BatchInferenceSpec, shares: capacity.StageShares, plan: ReadPlan, predicted: Callable[[], int]
+) -> Callable[[], str]:
+    """What a stall's message says: the stage that starved (`stall.starved_stage`)."""
+
+    def diagnose() -> str:
+        ticks: dict[str, int] = ray.get(plan.ledger.progress.remote())  # type: ignore[attr-defined,assignment]
+        free = {k: float(v) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        progress = stall.StageProgress.of(ticks)
+        return stall.starved_stage(progress, predicted(), shares, free, spec.compute.gpusPerActor)
+
+    return diagnose
+
+
+def counted_stage(batch: dict[str, np.ndarray], *, stage: Callable[..., dict], ledger: Any, **kwargs: Any) -> dict:
+    """A CPU stage (decode or fetch) that tells the job's ledger how many rows it finished."""
+    out = stage(batch, **kwargs)
+    if ledger is not None:
+        ledger.tick.remote("decoded", len(batch["key"]))  # not awaited: no cost on the hot path
+    return out
+
+
+def run_pipeline(
+    spec: BatchInferenceSpec,
+    on_progress: Callable[[ProgressReport], None] | None = None,
+    planned: capacity.Capacity | None = None,
+) -> RunResult:
     """Run (or resume) one BatchInference to completion; raises on anything that is not a per-row error.
 
-    Inputs are planned before the output is touched: a job whose inputs cannot be listed deletes nothing.
+    The stages' CPU shares are fitted to the cluster (the larger of what Ray reports and `planned`, the
+    RayJob's workers) before anything is read; inputs are planned before the output is touched: a job whose
+    inputs cannot be listed, or whose stages cannot fit, deletes nothing.
     """
     started_at = datetime.now(UTC)
     start = time.monotonic()
     if spec.model.predictor is not None:
         load_predictor_class(spec.model.predictor)  # a wrong reference fails here, before Ray starts work
+    live = capacity.live_capacity()
+    shares = capacity.fit_stages(spec.compute, capacity.larger(live, planned) if planned else live)
+    log.info("stages %s", shares.describe())
     input_plan = inputs.plan_inputs(spec.input, count_rows=lambda p: reading.count_rows(p, spec.input))
     store = commit.OutputStore(storage.resolve(spec.output.uri))
     earlier = store.prepare(spec.output.mode, commit.job_fingerprint(spec))
@@ -385,11 +424,14 @@ def run_pipeline(spec: BatchInferenceSpec, on_progress: Callable[[ProgressReport
 
     check_error_policy(spec.errorPolicy, counts["failed"], ledger.total())
     if plan.partitions:
-        pending_rows = 0
-        for table in stream_tables(build_dataset(spec, plan), spec.timeouts.stallSeconds):
+        pending_rows = predicted = 0
+        stall_seconds = spec.timeouts.stallSeconds or DEFAULT_STALL_SECONDS
+        diagnose = stall_diagnosis(spec, shares, plan, lambda: predicted)
+        for table in stream_tables(build_dataset(spec, plan, shares), stall_seconds, diagnose):
             if CONTRACT_ERROR_COLUMN in table.column_names:
                 raise PredictorContractError(table[CONTRACT_ERROR_COLUMN][0].as_py())
             first_row_at = first_row_at or time.monotonic()
+            predicted += table.num_rows
             pending.append(table)
             pending_rows += table.num_rows
             labels.update(label for label in table["label"].to_pylist() if label is not None)

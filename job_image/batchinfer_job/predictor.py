@@ -44,6 +44,7 @@ class PredictorConfig:
     optimize: str = "auto"
     batch_timeout: float | None = None  # timeouts.perBatchSeconds
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # input.maxImagePixels, for decoding in the actor
+    ledger: Any = None  # the job's reading.PartitionLedger: told when the actor starts and when its model is ready
 
 
 def pick_device(requested: str) -> torch.device:
@@ -217,6 +218,13 @@ class TorchPredictor:
     """
 
     def __init__(self, config: PredictorConfig) -> None:
+        if config.ledger is not None:
+            config.ledger.tick.remote("actor_started")
+        self._load(config)
+        if config.ledger is not None:
+            config.ledger.tick.remote("actor_ready")
+
+    def _load(self, config: PredictorConfig) -> None:
         self.max_rows: int | None = None  # rows per model call after an out-of-memory back-off; None: no cap
         self.model_lock = threading.Lock()  # one batch on the model at a time; decoding runs beside it
         self.streams = threading.local()  # each decoding thread's own CUDA stream

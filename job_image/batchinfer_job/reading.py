@@ -194,12 +194,21 @@ def read_partition(partition: Partition, spec: InputSpec, done: set[str], found:
 
 @ray.remote(num_cpus=0)
 class PartitionLedger:
-    """The job's record of partitions read so far (rows, digest, skipped files) and of read failures."""
+    """The job's record of partitions read so far (rows, digest, skipped files), of read failures, and of what
+    the later stages finished."""
 
     def __init__(self) -> None:
         self.order: list[str] = []
         self.read: dict[str, tuple[list[Any], dict[str, int]]] = {}
         self.problems: list[str] = []
+        self.ticks: dict[str, int] = {}  # what the stages finished: rows read and decoded, actors started/ready
+
+    def tick(self, stage: str, count: int = 1) -> None:
+        self.ticks[stage] = self.ticks.get(stage, 0) + count
+
+    def progress(self) -> dict[str, int]:
+        """Every stage's ticks (for a stall's diagnosis: `stall.StageProgress`)."""
+        return dict(self.ticks)
 
     def record(self, partition_id: str, record: list[Any], skipped: dict[str, int]) -> None:
         if partition_id not in self.read:  # a retried task reports the same partition again
@@ -227,7 +236,9 @@ def read_partitions(
         found = PartitionRead()
         try:
             committed = committed_keys(done.get(partition.id, []))
-            yield from read_partition(partition, spec, committed, found)
+            for table in read_partition(partition, spec, committed, found):
+                yield table
+                ledger.tick.remote("read", table.num_rows)  # not awaited: no cost on the hot path
         except (InputError, OSError, ValueError, storage.StorageError, pa.ArrowException) as err:
             ray.get(ledger.problem.remote(f"input partition {partition.id}: {type(err).__name__}: {err}"))
             continue

@@ -397,7 +397,13 @@ class TimeoutsSpec(_Model):
         description="A model call longer than this fails its batch, which is split and retried row by row.",
     )
     stallSeconds: float | None = Field(
-        default=None, gt=0, le=86400, description="Fail the job when no row is committed for this long."
+        default=None,
+        gt=0,
+        le=86400,
+        description=(
+            "Fail the job when no prediction arrives for this long (default 600; the first wait includes starting "
+            "the model actors). The error names the stage that starved."
+        ),
     )
 
 
