@@ -22,7 +22,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 K8S_DIR  := $(BUILD)/k8s
 
 .PHONY: help setup demo test lint format crds docs manifests lock helm bench bench-operator images kind-e2e \
-	k8s-binaries k8s-up k8s-down kuberay-crds clean
+	k8s-binaries k8s-up k8s-down kuberay-crds node-packages clean
 
 help: ## List targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -48,17 +48,28 @@ demo: $(STAMP) ## Run the quickstart BatchInference locally and print a summary
 	test -f $(BUILD)/demo/images/corrupt_000.jpg || $(BIN)/batchinfer demo-data $(BUILD)/demo/images
 	$(BIN)/batchinfer run manifests/samples/quickstart.yaml
 
-test: $(STAMP) $(HELM) k8s-binaries ## Run the whole test suite (starts its own control plane, S3 and Ray on 127.0.0.1)
+test: $(STAMP) $(HELM) node-packages k8s-binaries ## Run the whole test suite (starts its own control plane, node, S3 and Ray; root)
 	PATH=$(abspath $(TOOLS)):$$PATH $(BIN)/pytest -q
 
-k8s-binaries: ## Build etcd, kube-apiserver, kube-controller-manager, KubeRay from the Go module proxy (cached per machine)
+k8s-binaries: ## Build the control plane, KubeRay and the node (kubelet, scheduler, proxy, CoreDNS) from Go modules (cached per machine)
 	bash tests/controlplane/build.sh >/dev/null
+	bash tests/controlplane/build.sh node >/dev/null
 
-k8s-up: $(STAMP) $(HELM) k8s-binaries ## Start a real control plane on 127.0.0.1 (kubeconfig: build/k8s/kubeconfig)
-	$(BIN)/python -m tests.controlplane up $(K8S_DIR)
+# The node's runtime from Debian's packages (pinned by the release: bookworm's containerd 1.6.20 and runc 1.1.5 are
+# what the kubelet v1.34 CRI client was tested against here; building them from Go modules adds minutes for nothing).
+NODE_PACKAGES := containerd runc containernetworking-plugins iptables conntrack umoci busybox-static
+node-packages: ## Install the node's container runtime, CNI plugins and image tools (Debian; needs root)
+	@test "$$(id -u)" = 0 || { echo "node-packages: needs root (apt-get install $(NODE_PACKAGES))" >&2; exit 1; }
+	@dpkg-query -W -f='$${Status}\n' $(NODE_PACKAGES) 2>/dev/null | grep -c "ok installed" | grep -qx $(words $(NODE_PACKAGES)) || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(NODE_PACKAGES) >/dev/null; }
 
-k8s-down: ## Stop what `make k8s-up` started
-	test ! -x $(BIN)/python || $(BIN)/python -m tests.controlplane down $(K8S_DIR)
+# K8S_NODE=0: the control plane alone (no root needed; pods stay Pending).
+K8S_NODE ?= 1
+k8s-up: $(STAMP) $(HELM) $(if $(filter 1,$(K8S_NODE)),node-packages) k8s-binaries ## Start a control plane and a node (root; kubeconfig: build/k8s/kubeconfig)
+	PATH=$(abspath $(TOOLS)):$$PATH $(BIN)/python -m tests.controlplane up $(K8S_DIR) $(if $(filter 1,$(K8S_NODE)),--node)
+
+k8s-down: ## Stop what `make k8s-up` started and undo its host changes
+	test ! -x $(BIN)/python || PATH=$(abspath $(TOOLS)):$$PATH $(BIN)/python -m tests.controlplane down $(K8S_DIR)
 
 KUBERAY_CRD_VERSION ?= v1.7.0
 kuberay-crds: ## Refresh manifests/kuberay from the ray-operator Go module (KUBERAY_CRD_VERSION=v1.7.0)

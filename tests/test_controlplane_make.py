@@ -1,4 +1,5 @@
-"""`make k8s-up` and `make k8s-down` as the README runs them: a working kubeconfig, then nothing left behind."""
+"""`make k8s-up` and `make k8s-down` as the README runs them: a working kubeconfig, a node that runs pods, then
+nothing left behind on the machine."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import psutil
 
 from tests.chart_render import README_INSTALL
+from tests.controlplane import node
 
 
 def make(target: str, folder: Path) -> subprocess.CompletedProcess:
@@ -27,15 +29,58 @@ PLATFORM_UPGRADE = " ".join(
 )
 
 
-def test_make_k8s_up_serves_our_crd_takes_the_helm_install_and_k8s_down_stops_every_process(tmp_path: Path) -> None:
+BUSYBOX = f"{node.IMAGE_PREFIX}/busybox:1.35"
+WEB_POD = f"""apiVersion: v1
+kind: Pod
+metadata: {{name: web, labels: {{app: web}}}}
+spec:
+  containers:
+  - name: web
+    image: {BUSYBOX}
+    imagePullPolicy: Never
+    command: ["sh", "-c"]
+    args: ["echo serving on $(hostname -i); mkdir -p /www; echo hello > /www/index.html; exec httpd -f -p 8080 -h /www"]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec: {{selector: {{app: web}}, ports: [{{port: 80, targetPort: 8080}}]}}
+"""
+
+
+def check_pods_run(kubectl: Path, env: dict[str, str]) -> None:
+    """A pod from a locally built image: Ready, logs, exec, cluster DNS, a Service, the API server through the
+    `kubernetes` Service, and no route off the machine."""
+
+    def k(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([str(kubectl), *args], input=stdin, capture_output=True, text=True, env=env, timeout=120)
+
+    assert k("apply", "-f", "-", stdin=WEB_POD).returncode == 0
+    ready = k("wait", "--for=condition=Ready", "pod/web", "--timeout=90s")
+    assert ready.returncode == 0, ready.stderr + k("describe", "pod", "web").stdout
+    assert k("logs", "web").stdout.startswith("serving on 198.18."), k("logs", "web")
+    get = 'printf "GET / HTTP/1.0\\r\\n\\r\\n" | nc -w 5 web.default.svc.cluster.local 80 | tail -n 1'
+    assert k("exec", "web", "--", "sh", "-c", get).stdout.strip() == "hello"  # DNS -> ClusterIP -> pod (itself)
+    api = k("exec", "web", "--", "sh", "-c", "nc -w 5 kubernetes.default.svc.cluster.local 443 </dev/null; echo $?")
+    assert api.stdout.strip().endswith("0"), api  # the API server, through its Service
+    routes = k("exec", "web", "--", "ip", "route").stdout
+    assert "default" not in routes and "198.19.0.0/16 via 198.18.0.1" in routes, routes
+    out = k("exec", "web", "--", "sh", "-c", "nc -w 3 192.0.2.1 80 </dev/null 2>&1; echo rc=$?").stdout
+    assert "Network is unreachable" in out, out  # TEST-NET-1: nothing leaves the machine
+
+
+def test_make_k8s_up_runs_pods_takes_the_helm_install_and_k8s_down_leaves_nothing(tmp_path: Path) -> None:
     folder = tmp_path / "k8s"
     up = make("k8s-up", folder)
     assert up.returncode == 0, up.stdout + up.stderr
-    pids = json.loads((folder / "state.json").read_text())["pids"]
+    state = json.loads((folder / "state.json").read_text())
+    pids, node_pids = state["pids"], state["node"]
     assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "ray-operator"}
+    assert set(node_pids) == {"containerd", "kube-scheduler", "kubelet", "kube-proxy"}
     try:
         kubectl = Path("build/tools/kubectl").resolve()
         env = {**os.environ, "KUBECONFIG": str(folder / "kubeconfig")}
+        check_pods_run(kubectl, env)
         crds = subprocess.run([str(kubectl), "get", "crd", "-o", "name"], capture_output=True, text=True, env=env)
         assert crds.returncode == 0, crds.stderr
         assert "batchinferences.batchinfer.dev" in crds.stdout and "rayjobs.ray.io" in crds.stdout
@@ -61,13 +106,13 @@ def test_make_k8s_up_serves_our_crd_takes_the_helm_install_and_k8s_down_stops_ev
         shown = subprocess.run([str(kubectl), "get", "bic"], capture_output=True, text=True, env=env)
         rows = {line.split()[0]: line.split()[1:-1] for line in shown.stdout.splitlines()[1:]}
         assert rows == {"cpu": ["true", "0"], "gpu-a100": ["8"]}, shown.stdout + shown.stderr
-        for pid in pids.values():  # every listener on loopback only
+        for pid in [*pids.values(), *node_pids.values()]:  # every listener on loopback or the node's address
             for conn in psutil.Process(pid).net_connections(kind="inet"):
                 if conn.status == psutil.CONN_LISTEN:
-                    assert conn.laddr.ip == "127.0.0.1", conn
+                    assert conn.laddr.ip in ("127.0.0.1", node.GATEWAY), conn
     finally:
         down = make("k8s-down", folder)
     assert down.returncode == 0, down.stdout + down.stderr
-    assert "stopped: etcd, kube-apiserver, kube-controller-manager, ray-operator" in down.stdout
-    running = [pid for pid in pids.values() if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
-    assert not running, [psutil.Process(pid).cmdline()[:1] for pid in running if psutil.pid_exists(pid)]
+    assert "stopped: etcd, kube-apiserver, kube-controller-manager, ray-operator, containerd" in down.stdout
+    # processes, mounts, links, iptables rules, namespaces, cgroups, sysctls, the kubelet's fixed paths
+    assert node.leftovers(folder, [*pids.values(), *node_pids.values()]) == []

@@ -1,4 +1,4 @@
-"""`python -m tests.controlplane up|down [FOLDER]`: what `make k8s-up` and `make k8s-down` run."""
+"""`python -m tests.controlplane up|down [FOLDER] [--node]`: what `make k8s-up` and `make k8s-down` run."""
 
 from __future__ import annotations
 
@@ -6,20 +6,27 @@ import sys
 from pathlib import Path
 
 from tests.controlplane.cluster import ControlPlaneError, start, stop
+from tests.controlplane.node import NodeError
 
 
 def main(argv: list[str]) -> int:
+    with_node = "--node" in argv
+    argv = [a for a in argv if a != "--node"]
     if not argv or argv[0] not in ("up", "down"):
-        print("usage: python -m tests.controlplane up|down [FOLDER]", file=sys.stderr)
+        print("usage: python -m tests.controlplane up|down [FOLDER] [--node]", file=sys.stderr)
         return 2
     folder = Path(argv[1] if len(argv) > 1 else "build/k8s").resolve()
     if argv[0] == "down":
-        stopped = stop(folder)
+        try:
+            stopped = stop(folder)
+        except ControlPlaneError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
         return 0
     try:
-        plane = start(folder)
-    except ControlPlaneError as err:
+        plane = start(folder, with_node=with_node)
+    except (ControlPlaneError, NodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"control plane up at {plane.url}; logs in {folder}")

@@ -2,6 +2,8 @@
 # Build etcd, kube-apiserver, kube-controller-manager and KubeRay's ray-operator from the Go module proxy into a
 # per-machine cache outside the checkout (reused by every clone; CI runs in a fresh clone on the same machine).
 # Prints the folder that holds the binaries. Skips all of it when $KUBEBUILDER_ASSETS already holds them.
+# `build.sh node` builds the node's instead (kubelet, kube-scheduler, kube-proxy, CoreDNS, pause) and prints
+# their folder.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -9,6 +11,38 @@ source "$here/versions.env"
 
 need=(etcd kube-apiserver kube-controller-manager ray-operator)
 have_all() { local d=$1 b; for b in "${need[@]}"; do [[ -x "$d/$b" ]] || return 1; done; }
+
+if [[ "${1:-}" == node ]]; then
+  cache=${BATCHINFER_K8S_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/batchinfer/k8s}
+  out="$cache/node-v1-k8s-${KUBERNETES_VERSION}-coredns-${COREDNS_VERSION}"
+  need=(kubelet kube-scheduler kube-proxy coredns pause)
+  if have_all "$out"; then echo "$out"; exit 0; fi
+  mkdir -p "$out" "$cache/work"
+  export CGO_ENABLED=0 GOFLAGS=-mod=mod
+  w="$cache/work/kubernetes-node-$KUBERNETES_VERSION" staging="v0${KUBERNETES_VERSION#v1}"
+  mkdir -p "$w" && cd "$w"
+  [[ -f go.mod ]] || go mod init batchinfer.dev/node-build >/dev/null 2>&1
+  modfile=$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/^\s*"GoMod": "\(.*\)",$/\1/p')
+  args=(-require "k8s.io/kubernetes@$KUBERNETES_VERSION")
+  for m in $(sed -n 's#^\s*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#\1#p' "$modfile"); do args+=(-replace "$m=$m@$staging"); done
+  go mod edit "${args[@]}"
+  printf 'package tools\n\nimport (\n\t_ "k8s.io/kubernetes/cmd/kubelet/app"\n\t_ "k8s.io/kubernetes/cmd/kube-scheduler/app"\n\t_ "k8s.io/kubernetes/cmd/kube-proxy/app"\n)\n' > tools.go
+  echo "node build: resolving k8s.io/kubernetes $KUBERNETES_VERSION" >&2; go mod tidy >&2
+  minor=${KUBERNETES_VERSION#v1.}; minor=${minor%%.*}; v=k8s.io/component-base/version
+  ldflags="-X $v.gitVersion=$KUBERNETES_VERSION -X $v.gitMajor=1 -X $v.gitMinor=$minor -X $v.gitTreeState=clean"
+  for c in kubelet kube-scheduler kube-proxy; do
+    [[ -x "$out/$c" ]] && continue
+    echo "node build: $c" >&2; go build -trimpath -ldflags "$ldflags" -o "$out/$c" "k8s.io/kubernetes/cmd/$c" >&2
+  done
+  if [[ ! -x "$out/coredns" ]]; then
+    echo "node build: coredns $COREDNS_VERSION (minutes when its modules are cold)" >&2
+    GOBIN="$cache/work/coredns-$COREDNS_VERSION" go install -trimpath "github.com/coredns/coredns@$COREDNS_VERSION" >&2
+    cp "$cache/work/coredns-$COREDNS_VERSION/coredns" "$out/coredns"
+  fi
+  (cd "$here/pause" && go build -trimpath -ldflags '-s -w' -o "$out/pause" .) >&2
+  have_all "$out"
+  echo "$out"; exit 0
+fi
 
 if [[ -n "${KUBEBUILDER_ASSETS:-}" ]] && have_all "$KUBEBUILDER_ASSETS"; then
   echo "$KUBEBUILDER_ASSETS"; exit 0

@@ -9,33 +9,32 @@ fixture all use `start`/`stop` here.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import time
-import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
-from tests.controlplane import pki
+from tests.controlplane import node, pki
+from tests.controlplane.processes import (
+    LOOPBACK,
+    ControlPlaneError,
+    free_port,
+    https_ok,
+    spawn,
+    terminate,
+    wait_ready,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 VENDORED_KUBERAY = REPO / "manifests" / "kuberay"
 OUR_CRDS = REPO / "manifests" / "crds"
-LOOPBACK = "127.0.0.1"
 STATE_FILE = "state.json"
-
-
-class ControlPlaneError(RuntimeError):
-    """A component did not build, start or become ready; the message names it and its log."""
 
 
 @dataclass
@@ -47,6 +46,7 @@ class ControlPlane:
     kubeconfig: Path
     pids: dict[str, int]
     binaries: str
+    node: dict[str, int] = field(default_factory=dict)  # the node's processes (empty: control plane only)
 
     def save(self) -> None:
         state = {**asdict(self), "folder": str(self.folder), "kubeconfig": str(self.kubeconfig)}
@@ -55,7 +55,14 @@ class ControlPlane:
     @classmethod
     def load(cls, folder: Path) -> ControlPlane:
         state = json.loads((folder / STATE_FILE).read_text())
-        return cls(Path(state["folder"]), state["url"], Path(state["kubeconfig"]), state["pids"], state["binaries"])
+        return cls(
+            Path(state["folder"]),
+            state["url"],
+            Path(state["kubeconfig"]),
+            state["pids"],
+            state["binaries"],
+            state.get("node", {}),
+        )
 
     def client_cert(self, name: str) -> tuple[str, str]:
         return str(self.folder / "pki" / f"{name}.crt"), str(self.folder / "pki" / f"{name}.key")
@@ -65,52 +72,14 @@ class ControlPlane:
         return str(self.folder / "pki" / "ca.crt")
 
 
-def binaries() -> Path:
-    """The folder holding the four binaries: $KUBEBUILDER_ASSETS when complete, else the build cache (built
-    on first use; minutes on two cores)."""
-    result = subprocess.run(["bash", str(HERE / "build.sh")], stdout=subprocess.PIPE, text=True, check=False)
+def binaries(which: str = "control-plane") -> Path:
+    """The folder holding the control plane's four binaries ($KUBEBUILDER_ASSETS when complete) or, for
+    `node`, the node's; built on first use into the per-machine cache (minutes on two cores)."""
+    argv = ["bash", str(HERE / "build.sh"), *(["node"] if which == "node" else [])]
+    result = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=False)
     if result.returncode != 0:
         raise ControlPlaneError(f"building the control plane failed (exit {result.returncode}); see the lines above")
     return Path(result.stdout.strip().splitlines()[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
-def _spawn(name: str, argv: list[str], folder: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    log = (folder / f"{name}.log").open("ab")
-    return subprocess.Popen(
-        argv,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        cwd=folder,
-        env={**os.environ, **(env or {})},
-        start_new_session=True,  # its own process group: `stop` ends it and every child
-    )
-
-
-def _wait(name: str, process: subprocess.Popen, folder: Path, probe, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = (folder / f"{name}.log").read_text(errors="replace")[-3000:]
-            raise ControlPlaneError(f"{name} exited with {process.returncode}; {folder / name}.log ends:\n{tail}")
-        try:
-            if probe():
-                return
-        except OSError:
-            pass
-        time.sleep(0.25)
-    raise ControlPlaneError(f"{name} not ready after {timeout:.0f} s; see {folder / name}.log")
-
-
-def _https_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
-    with urllib.request.urlopen(url, timeout=2, context=context) as response:
-        return response.status == 200
 
 
 def write_kubeconfig(path: Path, url: str, ca: str, credentials: dict[str, str], user: str = "admin") -> None:
@@ -126,19 +95,39 @@ def write_kubeconfig(path: Path, url: str, ca: str, credentials: dict[str, str],
     path.write_text(yaml.safe_dump(config))
 
 
-def start(folder: Path, timeout: float = 180) -> ControlPlane:
-    """Start every component (building binaries first if needed) and install the CRDs; returns when ready."""
+# What the node needs beyond the control plane's own controllers (`node.py`).
+NODE_CONTROLLERS = (
+    "nodelifecycle,taint-eviction-controller,endpointslice,endpointslicemirroring,root-ca-cert-publisher,"
+    "replicaset,deployment,daemonset,podgc,ttl,ttl-after-finished"
+)
+
+
+def start(folder: Path, timeout: float = 180, with_node: bool = False) -> ControlPlane:
+    """Start every component (building binaries first if needed) and install the CRDs; returns when ready.
+
+    `with_node`: also a node (`node.py`; root): the API server then listens on the pod network's gateway, where
+    pods reach it through the `kubernetes` Service, and Services come from 198.19.0.0/16.
+    """
     bin_dir = binaries()
+    if with_node:
+        node.check_host()
+        node_bins = binaries("node")
     if folder.exists():
         stop(folder)
         shutil.rmtree(folder)  # a fresh etcd, certificates and logs every run
     folder.mkdir(parents=True)
-    keys = pki.generate(folder / "pki", {"admin": ("admin", "system:masters")})
+    host = node.GATEWAY if with_node else LOOPBACK
+    server_ips = (LOOPBACK, node.GATEWAY, node.KUBERNETES_SERVICE_IP) if with_node else (LOOPBACK,)
+    keys = pki.generate(folder / "pki", {"admin": ("admin", "system:masters")}, server_ips=server_ips)
     processes: dict[str, subprocess.Popen] = {}
+    if with_node:
+        images = node.node_images(Path(node_bins) / "images", Path(node_bins))
+        (folder / "node-binaries").write_text(str(node_bins))
+        node.network_up(folder)
     try:
         etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
         etcd_url = f"http://{LOOPBACK}:{etcd_port}"
-        processes["etcd"] = _spawn(
+        processes["etcd"] = spawn(
             "etcd",
             [
                 str(bin_dir / "etcd"),
@@ -154,26 +143,35 @@ def start(folder: Path, timeout: float = 180) -> ControlPlane:
             ],
             folder,
         )
-        _wait("etcd", processes["etcd"], folder, lambda: _https_ok(f"{etcd_url}/health"), timeout)
+        wait_ready("etcd", processes["etcd"], folder, lambda: https_ok(f"{etcd_url}/health"), timeout)
 
-        url = f"https://{LOOPBACK}:{api_port}"
-        processes["kube-apiserver"] = _spawn(
+        url = f"https://{host}:{api_port}"
+        node_flags = [
+            f"--service-cluster-ip-range={node.SERVICE_CIDR}",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            f"--kubelet-client-certificate={keys.path('admin.crt')}",
+            f"--kubelet-client-key={keys.path('admin.key')}",
+            f"--kubelet-certificate-authority={keys.ca_cert}",
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
+        plain_flags = ["--service-cluster-ip-range=10.0.0.0/24", "--authorization-mode=RBAC"]
+        processes["kube-apiserver"] = spawn(
             "kube-apiserver",
             [
                 str(bin_dir / "kube-apiserver"),
                 f"--etcd-servers={etcd_url}",
-                f"--bind-address={LOOPBACK}",
-                f"--advertise-address={LOOPBACK}",
+                f"--bind-address={host}",
+                f"--advertise-address={host}",
                 f"--secure-port={api_port}",
                 f"--cert-dir={folder / 'apiserver-certs'}",
                 f"--tls-cert-file={keys.path('apiserver.crt')}",
                 f"--tls-private-key-file={keys.path('apiserver.key')}",
                 f"--client-ca-file={keys.ca_cert}",
-                "--service-cluster-ip-range=10.0.0.0/24",
                 f"--service-account-issuer={url}",
                 f"--service-account-key-file={keys.path('sa.pub')}",
                 f"--service-account-signing-key-file={keys.path('sa.key')}",
-                "--authorization-mode=RBAC",
+                *(node_flags if with_node else plain_flags),
                 "--allow-privileged=true",
                 "--enable-priority-and-fairness=false",
                 "--profiling=false",
@@ -183,20 +181,21 @@ def start(folder: Path, timeout: float = 180) -> ControlPlane:
         )
         context = ssl.create_default_context(cafile=str(keys.ca_cert))
         context.load_cert_chain(str(keys.path("admin.crt")), str(keys.path("admin.key")))
-        _wait(
-            "kube-apiserver", processes["kube-apiserver"], folder, lambda: _https_ok(f"{url}/readyz", context), timeout
+        wait_ready(
+            "kube-apiserver", processes["kube-apiserver"], folder, lambda: https_ok(f"{url}/readyz", context), timeout
         )
         kubeconfig = folder / "kubeconfig"
         admin = {"client-certificate": str(keys.path("admin.crt")), "client-key": str(keys.path("admin.key"))}
         write_kubeconfig(kubeconfig, url, str(keys.ca_cert), admin)
 
         kcm_port = free_port()
-        processes["kube-controller-manager"] = _spawn(
+        processes["kube-controller-manager"] = spawn(
             "kube-controller-manager",
             [
                 str(bin_dir / "kube-controller-manager"),
                 f"--kubeconfig={kubeconfig}",
-                "--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token,job,clusterrole-aggregation",
+                "--controllers=garbagecollector,namespace,serviceaccount,serviceaccount-token,job,clusterrole-aggregation"
+                + (f",{NODE_CONTROLLERS}" if with_node else ""),
                 f"--service-account-private-key-file={keys.path('sa.key')}",
                 f"--root-ca-file={keys.ca_cert}",
                 f"--bind-address={LOOPBACK}",
@@ -208,17 +207,17 @@ def start(folder: Path, timeout: float = 180) -> ControlPlane:
             ],
             folder,
         )
-        _wait(
+        wait_ready(
             "kube-controller-manager",
             processes["kube-controller-manager"],
             folder,
-            lambda: _https_ok(f"https://{LOOPBACK}:{kcm_port}/healthz", ssl._create_unverified_context()),
+            lambda: https_ok(f"https://{LOOPBACK}:{kcm_port}/healthz", ssl._create_unverified_context()),
             timeout,
         )
         install_crds(kubeconfig, [*sorted(OUR_CRDS.glob("*.yaml")), *sorted(VENDORED_KUBERAY.glob("ray.io_*.yaml"))])
 
         probe_port = free_port()
-        processes["ray-operator"] = _spawn(
+        processes["ray-operator"] = spawn(
             "ray-operator",
             [
                 str(bin_dir / "ray-operator"),
@@ -230,17 +229,21 @@ def start(folder: Path, timeout: float = 180) -> ControlPlane:
             folder,
             env={"KUBECONFIG": str(kubeconfig)},
         )
-        _wait(
+        wait_ready(
             "ray-operator",
             processes["ray-operator"],
             folder,
-            lambda: _https_ok(f"http://{LOOPBACK}:{probe_port}/readyz"),
+            lambda: https_ok(f"http://{LOOPBACK}:{probe_port}/readyz"),
             timeout,
         )
+        node_pids = node.start(folder, url, keys, kubeconfig, Path(node_bins), images, timeout) if with_node else {}
     except BaseException:
-        _terminate({name: p.pid for name, p in processes.items()})
+        terminate({name: p.pid for name, p in processes.items()})
+        if with_node:
+            node.network_down(folder)
         raise
-    plane = ControlPlane(folder, url, kubeconfig, {name: p.pid for name, p in processes.items()}, str(bin_dir))
+    pids = {name: p.pid for name, p in processes.items()}
+    plane = ControlPlane(folder, url, kubeconfig, pids, str(bin_dir), node_pids)
     plane.save()
     return plane
 
@@ -276,40 +279,18 @@ def install_crds(kubeconfig: Path, files: list[Path], timeout: float = 60) -> No
             time.sleep(0.2)
 
 
-def _terminate(pids: dict[str, int], grace: float = 15) -> None:
-    """SIGTERM each process group (reverse start order), SIGKILL what is left after `grace`, and wait until
-    every process is gone (or a zombie its parent has yet to reap)."""
-    for pid in reversed(list(pids.values())):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(pid) for pid in pids.values()):
-        time.sleep(0.1)
-    for pid in pids.values():
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(pid) for pid in pids.values()):
-        time.sleep(0.1)
-
-
-def _alive(pid: int) -> bool:
-    """Running (not gone, not a zombie); reaps it when it is our own child."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 def stop(folder: Path) -> list[str]:
     """Stop the control plane whose state is in `folder`; returns the names it stopped."""
     if not (folder / STATE_FILE).exists():
         return []
     plane = ControlPlane.load(folder)
-    _terminate(plane.pids)
+    if plane.node:
+        node.stop(folder, plane.node, plane.kubeconfig)
+    terminate(plane.pids)
     (folder / STATE_FILE).unlink()
-    return list(plane.pids)
+    if plane.node:
+        node.network_down(folder)
+        left = node.leftovers(folder, [*plane.pids.values(), *plane.node.values()])
+        if left:
+            raise ControlPlaneError(f"the node left {len(left)} things on this machine: {'; '.join(left)}")
+    return list(plane.pids) + list(plane.node)

@@ -48,7 +48,14 @@ class Pki:
 
 
 def _sign(
-    ca_key: rsa.RSAPrivateKey, ca_name: x509.Name, subject: x509.Name, key: rsa.RSAPrivateKey, *, server: bool
+    ca_key: rsa.RSAPrivateKey,
+    ca_name: x509.Name,
+    subject: x509.Name,
+    key: rsa.RSAPrivateKey,
+    *,
+    server: bool,
+    ips: tuple[str, ...] = ("127.0.0.1",),
+    dns: tuple[str, ...] = ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
 ) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     builder = (
@@ -62,8 +69,7 @@ def _sign(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
     )
     if server:
-        names = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"]
-        alt = [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        alt = [x509.DNSName(n) for n in dns] + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
         builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
         usage = x509.ExtendedKeyUsageOID.SERVER_AUTH
     else:
@@ -72,8 +78,11 @@ def _sign(
     return builder.sign(ca_key, hashes.SHA256())
 
 
-def generate(folder: Path, clients: dict[str, tuple[str, str | None]]) -> Pki:
-    """Write ca.crt/key, apiserver.crt/key, sa.key/pub and `<name>.crt/key` for each client (CN, O)."""
+def generate(
+    folder: Path, clients: dict[str, tuple[str, str | None]], server_ips: tuple[str, ...] = ("127.0.0.1",)
+) -> Pki:
+    """Write ca.crt/key, apiserver.crt/key (for `server_ips` and the in-cluster names), sa.key/pub and
+    `<name>.crt/key` for each client (CN, O)."""
     folder.mkdir(parents=True, exist_ok=True)
     pki = Pki(folder)
     ca_key, ca_name = _key(), _name("batchinfer-test-ca")
@@ -96,7 +105,7 @@ def generate(folder: Path, clients: dict[str, tuple[str, str | None]]) -> Pki:
     issued.update({name: (_name(cn, org), False) for name, (cn, org) in clients.items()})
     for name, (subject, server) in issued.items():
         key = _key()
-        cert = _sign(ca_key, ca_name, subject, key, server=server)
+        cert = _sign(ca_key, ca_name, subject, key, server=server, ips=server_ips)
         pki.path(f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         pki.path(f"{name}.key").write_bytes(_pem_key(key))
     sa = _key()
@@ -105,3 +114,18 @@ def generate(folder: Path, clients: dict[str, tuple[str, str | None]]) -> Pki:
         sa.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     return pki
+
+
+def issue(
+    pki: Pki, name: str, common: str, organisation: str | None = None, server_ips: tuple[str, ...] = ()
+) -> tuple[Path, Path]:
+    """Sign `<name>.crt/key` with the run's CA: a server certificate for `server_ips` when given, else a client
+    certificate (CN, O). Returns the certificate's and the key's paths."""
+    ca_key = serialization.load_pem_private_key(pki.path("ca.key").read_bytes(), password=None)
+    assert isinstance(ca_key, rsa.RSAPrivateKey)
+    ca_name = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes()).subject
+    key = _key()
+    cert = _sign(ca_key, ca_name, _name(common, organisation), key, server=bool(server_ips), ips=server_ips, dns=())
+    pki.path(f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pki.path(f"{name}.key").write_bytes(_pem_key(key))
+    return pki.path(f"{name}.crt"), pki.path(f"{name}.key")

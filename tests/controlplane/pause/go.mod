@@ -1,0 +1,3 @@
+module batchinfer.dev/pause
+
+go 1.22
