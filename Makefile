@@ -55,9 +55,9 @@ k8s-binaries: ## Build the control plane, KubeRay and the node (kubelet, schedul
 	bash tests/controlplane/build.sh >/dev/null
 	bash tests/controlplane/build.sh node >/dev/null
 
-# The node's runtime from Debian's packages (pinned by the release: bookworm's containerd 1.6.20 and runc 1.1.5 are
-# what the kubelet v1.34 CRI client was tested against here; building them from Go modules adds minutes for nothing).
-NODE_PACKAGES := containerd runc containernetworking-plugins iptables conntrack umoci busybox-static
+# The node's runtime and image tools from Debian's packages (pinned by the release: bookworm's containerd 1.6.20,
+# runc 1.1.5, buildah 1.28.2 are what was tested here; building them from Go modules adds minutes for nothing).
+NODE_PACKAGES := containerd runc containernetworking-plugins iptables conntrack umoci busybox-static buildah debootstrap
 node-packages: ## Install the node's container runtime, CNI plugins and image tools (Debian; needs root)
 	@test "$$(id -u)" = 0 || { echo "node-packages: needs root (apt-get install $(NODE_PACKAGES))" >&2; exit 1; }
 	@dpkg-query -W -f='$${Status}\n' $(NODE_PACKAGES) 2>/dev/null | grep -c "ok installed" | grep -qx $(words $(NODE_PACKAGES)) || \

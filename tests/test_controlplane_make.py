@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
+import yaml
 
 from tests.chart_render import README_INSTALL
 from tests.controlplane import node
@@ -69,6 +71,39 @@ def check_pods_run(kubectl: Path, env: dict[str, str]) -> None:
     assert "Network is unreachable" in out, out  # TEST-NET-1: nothing leaves the machine
 
 
+LOCAL_OPERATOR_IMAGE = (
+    f"--set image.repository={node.IMAGE_PREFIX}/batchinfer-operator --set image.tag=dev --set image.pullPolicy=Never"
+)
+SAMPLE = Path("manifests/samples/resnet152-gpu-s3.yaml")
+
+
+def check_the_operator_runs_in_the_cluster(kubectl: Path, env: dict[str, str]) -> None:
+    """The chart's operator pod, from the image built here: Ready (kopf's liveness), and it alone turns a sample
+    BatchInference into a RayJob, through the `kubernetes` Service with the chart's RBAC."""
+
+    def k(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(kubectl), *args], capture_output=True, text=True, env=env, timeout=150)
+
+    rollout = k("-n", "batchinfer-system", "rollout", "status", "deployment/batchinfer", "--timeout=120s")
+    logs = k("-n", "batchinfer-system", "logs", "deployment/batchinfer", "--tail=30")
+    assert rollout.returncode == 0, rollout.stderr + logs.stdout + logs.stderr
+    pod = json.loads(k("-n", "batchinfer-system", "get", "pods", "-o", "json").stdout)["items"][0]
+    assert pod["spec"]["serviceAccountName"] == "batchinfer"
+    assert pod["spec"]["containers"][0]["image"] == f"{node.IMAGE_PREFIX}/batchinfer-operator:dev"
+    assert k("create", "namespace", "ml-batch").returncode == 0
+    assert k("-n", "ml-batch", "apply", "-f", str(SAMPLE)).returncode == 0
+    name = yaml.safe_load(SAMPLE.read_text())["metadata"]["name"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        owners = k("-n", "ml-batch", "get", "rayjob", name, "-o", "jsonpath={.metadata.ownerReferences[0].kind}")
+        if owners.stdout == "BatchInference":
+            break
+        time.sleep(1)
+    assert owners.stdout == "BatchInference", (
+        owners.stderr + k("-n", "batchinfer-system", "logs", "deploy/batchinfer").stdout
+    )
+
+
 def test_make_k8s_up_runs_pods_takes_the_helm_install_and_k8s_down_leaves_nothing(tmp_path: Path) -> None:
     folder = tmp_path / "k8s"
     up = make("k8s-up", folder)
@@ -84,23 +119,21 @@ def test_make_k8s_up_runs_pods_takes_the_helm_install_and_k8s_down_leaves_nothin
         crds = subprocess.run([str(kubectl), "get", "crd", "-o", "name"], capture_output=True, text=True, env=env)
         assert crds.returncode == 0, crds.stderr
         assert "batchinferences.batchinfer.dev" in crds.stdout and "rayjobs.ray.io" in crds.stdout
-        # The README's install command, verbatim, on the chart as shipped, against a real API server.
+        # The README's install command, verbatim, on the chart as shipped, against a real API server; only the
+        # operator image is the one `make k8s-up` built from operator/Dockerfile (as the README's local section says).
         helm = Path("build/tools/helm").resolve()
-        install = README_INSTALL.split()[1:]
+        install = [*README_INSTALL.split()[1:], *LOCAL_OPERATOR_IMAGE.split()]
         assert README_INSTALL in Path("README.md").read_text()
+        shell_lines = " ".join(Path("README.md").read_text().replace("\\\n", " ").split())  # joined at "\"
+        assert f"{README_INSTALL} {LOCAL_OPERATOR_IMAGE}" in shell_lines
         installed = subprocess.run([str(helm), *install], capture_output=True, text=True, env=env, timeout=120)
         assert installed.returncode == 0, installed.stdout + installed.stderr
         assert "STATUS: deployed" in installed.stdout
-        deploy = subprocess.run(
-            [str(kubectl), "-n", "batchinfer-system", "get", "deployment", "batchinfer", "-o", "name"],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        assert deploy.stdout.strip() == "deployment.apps/batchinfer", deploy.stderr
+        check_the_operator_runs_in_the_cluster(kubectl, env)
         # The platform section's command, verbatim: classes from values, on top of that install.
         upgrade = PLATFORM_UPGRADE.split()
         assert " ".join(upgrade) in Path("README.md").read_text()
+        upgrade += LOCAL_OPERATOR_IMAGE.split()
         upgraded = subprocess.run([str(helm), *upgrade[1:]], capture_output=True, text=True, env=env, timeout=120)
         assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
         shown = subprocess.run([str(kubectl), "get", "bic"], capture_output=True, text=True, env=env)

@@ -122,6 +122,7 @@ def start(folder: Path, timeout: float = 180, with_node: bool = False) -> Contro
     processes: dict[str, subprocess.Popen] = {}
     if with_node:
         images = node.node_images(Path(node_bins) / "images", Path(node_bins))
+        images.update(node.project_images(REPO / "build" / "images"))
         (folder / "node-binaries").write_text(str(node_bins))
         node.network_up(folder)
     try:

@@ -19,7 +19,15 @@ GUARDED = "198.18.0.0/15"  # pods and Services: the only addresses a forwarded p
 GUARD_CHAIN = "BATCHINFER-GUARD"
 # The kubelet rewrites the kernel ones at start (no protectKernelDefaults); ip_forward is ours.
 SYSCTLS = ("net.ipv4.ip_forward", "kernel.panic", "kernel.panic_on_oops", "vm.overcommit_memory")
-PACKAGES = {"containerd": "containerd", "runc": "runc", "umoci": "umoci", "iptables": "iptables", "ctr": "containerd"}
+PACKAGES = {
+    "containerd": "containerd",
+    "ctr": "containerd",
+    "runc": "runc",
+    "umoci": "umoci",
+    "iptables": "iptables",
+    "buildah": "buildah",
+    "debootstrap": "debootstrap",
+}
 CNI_DIR = Path("/usr/lib/cni")
 # Created by the kubelet, containerd's shim and CNI outside any folder we give them (removed if we made them).
 FIXED_PATHS = ("/var/lib/kubelet", "/var/lib/cni", "/var/log/containers", "/run/containerd/runc/k8s.io")

@@ -1,10 +1,12 @@
-"""The node's images, made with umoci from files on this machine (no registry): pause, busybox, CoreDNS; cached
-per machine beside the binaries they hold, and imported into the node's containerd."""
+"""The node's images, without a registry: pause, busybox and CoreDNS made with umoci from files on this machine
+(cached beside the binaries they hold), and the project's own images built from its Dockerfiles by buildah on a
+local Debian base; all imported into the node's containerd as `batchinfer.local/<name>:<tag>`."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -87,3 +89,75 @@ def import_images(folder: Path, images: dict[str, Path]) -> None:
         if f"{IMAGE_PREFIX}/{ref}" not in present:
             name = ref.split(":")[0]
             run(*ctr, "images", "import", "--base-name", f"{IMAGE_PREFIX}/{name}", str(tarball))
+
+
+# --- the project's images, built from its Dockerfiles by buildah (daemonless) on a local base ----------------
+
+LOCAL_BASE = "localhost/batchinfer-base:py311-bookworm"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+REPO = Path(__file__).resolve().parents[2]
+# name -> Dockerfile; each takes ARG BASE_IMAGE (the public default stays for users with a registry).
+PROJECT_IMAGES = {"batchinfer-operator": REPO / "operator" / "Dockerfile"}
+PROJECT_TAG = "dev"
+
+
+BUILDAH_ENV = {**os.environ, "STORAGE_DRIVER": "overlay"}  # buildah's store: /var/lib/containers (per machine)
+
+
+def buildah(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["buildah", *args], capture_output=True, text=True, check=False, env=BUILDAH_ENV)
+
+
+def ensure_local_base(work: Path) -> str:
+    """Debian bookworm (minbase) + Python 3.11 with pip and venv, bash, a uid-1000 user `ray` (as Ray's images
+    have) and this machine's CA bundle (pip then trusts what the machine trusts); kept in buildah's store."""
+    if buildah("inspect", "--type", "image", LOCAL_BASE).returncode == 0:
+        return LOCAL_BASE
+    rootfs = work / "base-rootfs"
+    shutil.rmtree(rootfs, ignore_errors=True)
+    packages = "python3,python3-pip,python3-venv,python-is-python3,ca-certificates"
+    run("debootstrap", "--variant=minbase", f"--include={packages}", "bookworm", str(rootfs), DEBIAN_MIRROR)
+    shutil.copy2("/etc/ssl/certs/ca-certificates.crt", rootfs / "etc/ssl/certs/ca-certificates.crt")
+    (rootfs / "usr/lib/python3.11/EXTERNALLY-MANAGED").unlink(missing_ok=True)  # pip as in the official images
+    run("chroot", str(rootfs), "useradd", "-m", "-u", "1000", "-g", "100", "-s", "/bin/bash", "ray")
+    for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
+        for entry in (rootfs / cache).glob("*"):
+            if entry.is_file():
+                entry.unlink()
+    container = buildah("from", "scratch").stdout.strip()
+    try:
+        mount = buildah("mount", container).stdout.strip()
+        run("cp", "-a", f"{rootfs}/.", mount)
+        buildah("umount", container)
+        env = ["--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "--env", "LANG=C.UTF-8"]
+        buildah("config", *env, "--cmd", "/bin/bash", container)
+        committed = buildah("commit", "-q", container, LOCAL_BASE)
+        if committed.returncode != 0:
+            raise NodeError(f"buildah commit of the local base failed: {committed.stderr.strip()}")
+    finally:
+        buildah("rm", container)
+        shutil.rmtree(rootfs, ignore_errors=True)
+    return LOCAL_BASE
+
+
+def project_images(out: Path) -> dict[str, Path]:
+    """Every image of the project, built from its Dockerfile on the local base (buildah's layer cache keeps
+    the unchanged layers), as OCI archives in `out` (name:tag -> archive) ready for containerd."""
+    out.mkdir(parents=True, exist_ok=True)
+    base = ensure_local_base(out)
+    built = {}
+    for name, dockerfile in PROJECT_IMAGES.items():
+        tag = f"localhost/{name}:{PROJECT_TAG}"
+        result = buildah(
+            "bud", "-q", "--layers", "--isolation", "chroot", "--network", "host",
+            "--build-arg", f"BASE_IMAGE={base}", "-f", str(dockerfile), "-t", tag, str(REPO),
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise NodeError(f"building {name} from {dockerfile.relative_to(REPO)} failed:\n{result.stderr[-3000:]}")
+        archive = out / f"{name}.tar"
+        archive.unlink(missing_ok=True)
+        pushed = buildah("push", "-q", tag, f"oci-archive:{archive}:{PROJECT_TAG}")
+        if pushed.returncode != 0:
+            raise NodeError(f"exporting {name} failed: {pushed.stderr.strip()}")
+        built[f"{name}:{PROJECT_TAG}"] = archive
+    return built

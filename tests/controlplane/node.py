@@ -35,7 +35,7 @@ from tests.controlplane.host import (
     run,
     set_sysctl,
 )
-from tests.controlplane.images import IMAGE_PREFIX, import_images, node_images
+from tests.controlplane.images import IMAGE_PREFIX, import_images, node_images, project_images
 from tests.controlplane.node_config import (
     NODE_NAME,
     containerd_config,
@@ -57,6 +57,7 @@ __all__ = [
     "network_down",
     "network_up",
     "node_images",
+    "project_images",
     "start",
     "stop",
 ]
