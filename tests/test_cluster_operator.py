@@ -24,7 +24,7 @@ from batchinfer_job.status_reporter import StatusReporter
 from batchinfer_operator import naming
 from batchinfer_operator.render import Owner, service_account_name
 from batchinfer_operator.settings import DEFAULT_JOB_IMAGE
-from tests.controlplane.fixtures import Cluster, OperatorProcess, impersonating
+from tests.controlplane.fixtures import OPERATOR_NAMESPACE, Cluster, OperatorProcess, impersonating
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.usefixtures("real_operator")
@@ -374,3 +374,19 @@ def test_kuberay_outlives_its_cache_sync_timeout(control_plane) -> None:
     assert process.is_running() and process.status() != psutil.STATUS_ZOMBIE, log[-3000:]
     assert "failed to wait for rayservice caches to sync" not in log
     assert re.search(r"controllers\.RayService\s+Starting workers", log), log[-3000:]  # its cache synced
+
+
+def test_the_charts_rbac_lets_the_operator_delete_a_rayjob(cluster: Cluster, running, control_plane) -> None:
+    """Past activeDeadlineSeconds the operator deletes the RayJob (and, by garbage collection, its RayCluster and
+    pods). Before `delete` was in the chart's ClusterRole the API server refused it with 403 and the job ran on."""
+    namespace, _ = running
+    (rayjob,) = cluster.ray(namespace, "rayjobs")
+    operator = impersonating(
+        control_plane,
+        f"system:serviceaccount:{OPERATOR_NAMESPACE}:batchinfer",
+        ["system:serviceaccounts", f"system:serviceaccounts:{OPERATOR_NAMESPACE}"],
+    )
+    name = rayjob["metadata"]["name"]
+    operator.custom.delete_namespaced_custom_object("ray.io", "v1", namespace, "rayjobs", name)
+    eventually(lambda: cluster.ray(namespace, "rayjobs") == [], 30, "the RayJob gone")
+    eventually(lambda: cluster.ray(namespace, "rayclusters") == [], 60, "its RayCluster collected")

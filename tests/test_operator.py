@@ -290,3 +290,22 @@ def test_the_deadline_counts_from_the_first_attempt_and_the_operator_ends_the_jo
     assert status["reason"] == "DeadlineExceeded"
     assert "activeDeadlineSeconds=60 passed since the first attempt started (2026-11-25T10:00:00Z)" in status["message"]
     eventually(lambda: api.rayjobs(namespace) == [], what="the RayJob deleted")
+
+
+def test_past_the_deadline_stopped_is_written_only_once_the_rayjob_is_gone(
+    operator, k8s, api: Api, namespace: str
+) -> None:
+    """A refused delete (403 here; a missing RBAC verb did it on real clusters) leaves the BatchInference as it
+    was, and the resync timer tries again: "was stopped" is never written while the RayJob still runs."""
+    spec = quickstart_spec()
+    spec["activeDeadlineSeconds"] = 60
+    spec["backoffLimit"] = 2
+    kuberay = started(api, namespace, spec)
+    k8s.emulator.faults.append(("DELETE", "rayjobs", 403))
+    kuberay.running()  # the first attempt started on 2026-11-25: far more than 60 s ago
+    eventually(lambda: not k8s.emulator.faults, what="the refused delete")
+    status = eventually(
+        lambda: phase(api, namespace) == "Failed" and status_of(api, namespace), timeout=30, what="Failed"
+    )
+    assert api.rayjobs(namespace) == []  # deleted before Failed was written
+    assert status["message"].endswith("was stopped")

@@ -56,7 +56,8 @@ No wildcards; no Secrets (credentials reach Ray pods by reference only).
 # batchinfer: the children it creates per BatchInference.
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  # delete: a BatchInference past activeDeadlineSeconds stops its RayJob (and, by garbage collection, its pods).
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["configmaps", "serviceaccounts"]
   verbs: ["get", "create"]

@@ -107,8 +107,14 @@ def seconds_since(timestamp: Any) -> float:
 
 
 def end_after_deadline(body: kopf.Body, namespace: str, name: str, rayjob: str, deadline: int) -> None:
-    """activeDeadlineSeconds counts from the first attempt's start (KubeRay resets it on every retry): mark
-    the BatchInference Failed, then delete its RayJob, which takes the RayCluster and its pods with it."""
+    """activeDeadlineSeconds counts from the first attempt's start (KubeRay resets it on every retry): delete
+    the RayJob, which takes the RayCluster and its pods with it, and only once it is gone mark the BatchInference
+    Failed. Until then (a refused delete, a RayJob still finalising) the resync timer tries again."""
+    kube.delete_rayjob(namespace, rayjob)
+    if kube.get_rayjob(namespace, rayjob) is not None:
+        raise kopf.TemporaryError(
+            f"activeDeadlineSeconds={deadline} passed; waiting for RayJob {rayjob} to go", delay=5
+        )
     message = (
         f"activeDeadlineSeconds={deadline} passed since the first attempt started "
         f"({status_of(body).get('startTime')}); the RayJob {rayjob} was stopped"
@@ -130,4 +136,3 @@ def end_after_deadline(body: kopf.Body, namespace: str, name: str, rayjob: str, 
 
     if kube.update_batchinference_status(namespace, name, failed) is not None:
         kopf.warn(body, reason="Failed", message=message)
-    kube.delete_rayjob(namespace, rayjob)
