@@ -254,3 +254,43 @@ def test_a_batchinference_accepted_before_classes_still_takes_suspend_changes() 
     stored = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert is_accepted({**spec, "suspend": True}, stored)
     assert not is_accepted({**spec, "output": {**spec["output"], "topK": 2}}, stored)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"compute": {"device": "cuda", "gpusPerActor": 1}},  # the review's bypass: GPUs through the model actor
+        {"compute": {"device": "auto", "gpusPerActor": 0.5}},
+        {"cluster": {"workers": {"resources": {"cpu": "4", "memory": "8Gi", "gpu": 1}}}},
+    ],
+)
+def test_every_way_to_ask_for_gpus_meets_the_class_gpu_cap(extra: dict[str, Any]) -> None:
+    """One count of a job's GPUs (`spec.job_gpus`) for the limit and the renderer: a class with
+    maxGpusPerJob: 0 refuses each way a spec can ask for a GPU."""
+    with pytest.raises(c.ClassRejected) as caught:
+        c.resolve({**minimal(**extra), "className": "cpu"}, [load(CPU_CLASS)])
+    assert caught.value.reason == "ClassLimitExceeded"
+    assert any("spec.limits.maxGpusPerJob" in p for p in caught.value.problems), caught.value.problems
+
+
+@pytest.mark.parametrize(
+    ("cluster", "compute", "expected"),
+    [
+        ({}, {"device": "cuda", "gpusPerActor": 1}, 1),
+        ({"workers": {"replicas": 2, "minReplicas": 2, "maxReplicas": 2}}, {"gpusPerActor": 0.5}, 2),
+        ({"workers": {"replicas": 3, "minReplicas": 3, "maxReplicas": 3, "resources": {"gpu": 2}}}, {}, 6),
+        ({"head": {"cpu": "2", "memory": "4Gi", "gpu": 1}}, {}, 1),
+    ],
+)
+def test_the_rendered_gpus_are_the_counted_gpus(cluster: dict, compute: dict, expected: int) -> None:
+    from batchinfer_job.spec import BatchInferenceSpec, job_gpus
+    from batchinfer_operator.render import Owner, render_rayjob
+    from batchinfer_operator.settings import OperatorSettings
+
+    spec = BatchInferenceSpec.model_validate({**minimal(cluster=cluster, compute=compute), "className": None})
+    rayjob = render_rayjob(spec, Owner("x", "ns"), OperatorSettings())["spec"]["rayClusterSpec"]
+    head = rayjob["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    (group,) = rayjob["workerGroupSpecs"]
+    worker = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    rendered = head.get("nvidia.com/gpu", 0) + worker.get("nvidia.com/gpu", 0) * group["maxReplicas"]
+    assert rendered == job_gpus(spec) == expected

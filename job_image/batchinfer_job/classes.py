@@ -298,12 +298,12 @@ def limit_problems(spec: s.BatchInferenceSpec, cls: BatchInferenceClass) -> list
     """Each limit of the class the effective spec breaks, naming the field, the class and the limit."""
     limits, name, problems = cls.spec.limits, cls.name, []
     workers = spec.cluster.workers
-    gpus = spec.cluster.head.gpu + workers.resources.gpu * workers.maxReplicas
+    gpus = s.job_gpus(spec)
     if limits.maxGpusPerJob is not None and gpus > limits.maxGpusPerJob:
         problems.append(
             f"spec.cluster: the job would hold {gpus} GPUs (head {spec.cluster.head.gpu} + {workers.maxReplicas} "
-            f"workers x {workers.resources.gpu}); BatchInferenceClass {name!r} allows at most "
-            f"{limits.maxGpusPerJob} (spec.limits.maxGpusPerJob)"
+            f"workers x {s.worker_gpus(spec)}, from cluster.workers.resources.gpu or compute.gpusPerActor); "
+            f"BatchInferenceClass {name!r} allows at most {limits.maxGpusPerJob} (spec.limits.maxGpusPerJob)"
         )
     if limits.maxWorkerReplicas is not None and workers.maxReplicas > limits.maxWorkerReplicas:
         problems.append(

@@ -6,6 +6,7 @@ Field descriptions become `kubectl explain` text. Pure pydantic: no torch, ray o
 
 from __future__ import annotations
 
+import math
 import posixpath
 import re
 from typing import Annotated, Any, Literal
@@ -567,6 +568,17 @@ class BatchInferenceSpec(_Model):
         if problem:
             raise ValueError(problem)
         return self
+
+
+def worker_gpus(spec: BatchInferenceSpec) -> int:
+    """GPUs per worker pod: cluster.workers.resources.gpu, else enough for one model actor (compute.gpusPerActor)."""
+    return spec.cluster.workers.resources.gpu or math.ceil(spec.compute.gpusPerActor)
+
+
+def job_gpus(spec: BatchInferenceSpec) -> int:
+    """Every GPU the job's pods ask for at most: the head's and each worker's at maxReplicas. The one count that
+    both the class limit (maxGpusPerJob) and the renderer use."""
+    return spec.cluster.head.gpu + worker_gpus(spec) * spec.cluster.workers.maxReplicas
 
 
 def output_location_problem(input_uri: str, output_uri: str) -> str | None:

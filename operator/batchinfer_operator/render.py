@@ -9,7 +9,6 @@ reaches a shell.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,25 +202,20 @@ def _submitter_template(
     return {"metadata": {"labels": labels}, "spec": pod}
 
 
-def worker_gpus(spec: s.BatchInferenceSpec) -> int:
-    """GPUs per worker pod: the explicit limit, else enough for one model actor."""
-    return spec.cluster.workers.resources.gpu or math.ceil(spec.compute.gpusPerActor)
-
-
 def render_rayjob(spec: s.BatchInferenceSpec, owner: Owner, settings: OperatorSettings) -> dict[str, Any]:
     """The KubeRay v1.7.0 RayJob (ray.io/v1)."""
     labels = common_labels(owner)
     job_labels = dict(labels)
     if spec.scheduling.queueName:
         job_labels[KUEUE_QUEUE_LABEL] = spec.scheduling.queueName
-    head = _container("ray-head", spec, owner, settings, _resources(spec.cluster.head, gpus=0))
+    head = _container("ray-head", spec, owner, settings, _resources(spec.cluster.head, gpus=spec.cluster.head.gpu))
     head["ports"] = [
         {"containerPort": 6379, "name": "gcs-server"},
         {"containerPort": 8265, "name": "dashboard"},
         {"containerPort": 10001, "name": "client"},
     ]
     workers = spec.cluster.workers
-    worker = _container("ray-worker", spec, owner, settings, _resources(workers.resources, worker_gpus(spec)))
+    worker = _container("ray-worker", spec, owner, settings, _resources(workers.resources, s.worker_gpus(spec)))
     rayjob_spec: dict[str, Any] = {
         "entrypoint": ENTRYPOINT,
         "submissionMode": "K8sJobMode",
