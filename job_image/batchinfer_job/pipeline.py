@@ -10,6 +10,7 @@ same job finished are not read again; partly done ones are read and filtered by 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -17,7 +18,7 @@ import time
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -235,32 +236,63 @@ def check_not_all_failed(policy: ErrorPolicySpec, failed: int, total: int) -> No
 
 def stream_tables(
     dataset: ray.data.Dataset, stall_seconds: float, diagnose: Callable[[], str] | None = None
-) -> Iterator[pa.Table]:
+) -> Generator[pa.Table, None, None]:
     """Prediction tables as they come; StallError when none arrives within `stall_seconds`, saying what
-    `diagnose` finds (the stage that starved) at that moment."""
+    `diagnose` finds (the stage that starved) at that moment.
+
+    However the stream ends early — a stall, an error, the consumer giving up (close it) — Ray Data's work for
+    the dataset is stopped, so no task or model actor keeps holding the cluster's resources.
+    """
     items: queue.Queue = queue.Queue(maxsize=8)
     done = object()
+    stopped = threading.Event()
+
+    def hand_over(item: object) -> bool:
+        while not stopped.is_set():
+            try:
+                items.put(item, timeout=1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def pump() -> None:
         try:
             for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                items.put(table)
+                if not hand_over(table):
+                    return
         except BaseException as err:  # handed to the consuming thread and re-raised there
-            items.put(err)
-        items.put(done)
+            hand_over(err)
+            return
+        hand_over(done)
 
     threading.Thread(target=pump, daemon=True, name="prediction-stream").start()
-    while True:
-        try:
-            item = items.get(timeout=stall_seconds)
-        except queue.Empty:
-            why = diagnose() if diagnose else "a model call or a worker hangs"
-            raise StallError(f"no prediction for {stall_seconds:g} s (timeouts.stallSeconds): {why}") from None
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    finished = False
+    try:
+        while True:
+            try:
+                item = items.get(timeout=stall_seconds)
+            except queue.Empty:
+                why = diagnose() if diagnose else "a model call or a worker hangs"
+                raise StallError(f"no prediction for {stall_seconds:g} s (timeouts.stallSeconds): {why}") from None
+            if item is done:
+                finished = True
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stopped.set()
+        if not finished:
+            stop_execution(dataset)
+
+
+def stop_execution(dataset: ray.data.Dataset) -> None:
+    """End Ray Data's work for `dataset`: its tasks and its model actors (Ray 2.60 keeps the running executor on
+    the dataset; shutting it down with force kills them)."""
+    executor = getattr(dataset, "_current_executor", None)
+    if executor is not None:
+        executor.shutdown(force=True)
 
 
 @dataclass(frozen=True)
@@ -427,17 +459,19 @@ def run_pipeline(
         pending_rows = predicted = 0
         stall_seconds = spec.timeouts.stallSeconds or DEFAULT_STALL_SECONDS
         diagnose = stall_diagnosis(spec, shares, plan, lambda: predicted)
-        for table in stream_tables(build_dataset(spec, plan, shares), stall_seconds, diagnose):
-            if CONTRACT_ERROR_COLUMN in table.column_names:
-                raise PredictorContractError(table[CONTRACT_ERROR_COLUMN][0].as_py())
-            first_row_at = first_row_at or time.monotonic()
-            predicted += table.num_rows
-            pending.append(table)
-            pending_rows += table.num_rows
-            labels.update(label for label in table["label"].to_pylist() if label is not None)
-            if pending_rows >= spec.output.shardRows or time.monotonic() - last_flush >= SHARD_SECONDS:
-                flush()
-                pending_rows = 0
+        tables = stream_tables(build_dataset(spec, plan, shares), stall_seconds, diagnose)
+        with contextlib.closing(tables):  # closed on any error: Ray Data's work stops with it
+            for table in tables:
+                if CONTRACT_ERROR_COLUMN in table.column_names:
+                    raise PredictorContractError(table[CONTRACT_ERROR_COLUMN][0].as_py())
+                first_row_at = first_row_at or time.monotonic()
+                predicted += table.num_rows
+                pending.append(table)
+                pending_rows += table.num_rows
+                labels.update(label for label in table["label"].to_pylist() if label is not None)
+                if pending_rows >= spec.output.shardRows or time.monotonic() - last_flush >= SHARD_SECONDS:
+                    flush()
+                    pending_rows = 0
     flush()
     timing = Timing(start, time.monotonic(), first_row_at, first_shard.get("at"), int(first_shard.get("rows", 0)))
     skipped = _merged(input_plan.skipped, ledger.skipped)
