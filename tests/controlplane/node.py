@@ -176,6 +176,8 @@ def stop(folder: Path, pids: dict[str, int], admin_kubeconfig: Path | None = Non
     """Stop the node and undo what it changed on the host; returns what was left and had to be removed."""
     notes: list[str] = []
     sock = folder / "run" / "containerd.sock"
+    # The scheduler first: Deployments' replacements for the pods deleted below then stay Pending.
+    terminate({name: pid for name, pid in pids.items() if name == "kube-scheduler"})
     if admin_kubeconfig is not None and "kubelet" in pids:
         # Pods first, through the kubelet: CNI DEL for each, volumes unmounted, containers stopped.
         _kubectl(
@@ -191,10 +193,11 @@ def stop(folder: Path, pids: dict[str, int], admin_kubeconfig: Path | None = Non
         ctr = ["ctr", "--address", str(sock), "-n", "k8s.io"]
         deadline = time.monotonic() + 60
         while sock.exists() and time.monotonic() < deadline:
-            if not run(*ctr, "tasks", "ls", "-q", check=False).stdout.strip():  # nothing running
+            tasks = run(*ctr, "tasks", "ls", check=False).stdout.splitlines()[1:]  # TASK PID STATUS
+            if not any(line.split()[-1:] == ["RUNNING"] for line in tasks):
                 break
             time.sleep(0.5)
-    terminate({name: pid for name, pid in pids.items() if name in ("kube-proxy", "kubelet", "kube-scheduler")})
+    terminate({name: pid for name, pid in pids.items() if name in ("kube-proxy", "kubelet")})
     if sock.exists():
         ctr = ["ctr", "--address", str(sock), "-n", "k8s.io"]
         for task in run(*ctr, "tasks", "ls", "-q", check=False).stdout.split():
