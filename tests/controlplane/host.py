@@ -11,6 +11,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from tests.controlplane.processes import alive
+
 BRIDGE = "bi0"
 GATEWAY = "198.18.0.1"  # the node's address on the pod network, where the API server and kubelet listen
 SERVICE_CIDR = "198.19.0.0/16"
@@ -46,6 +48,12 @@ def check_host() -> None:
         raise NodeError(f"missing {', '.join(missing) or 'CNI plugins'}: run make node-packages (Debian, as root)")
     if not Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists():
         raise NodeError("bridge netfilter is off (no /proc/sys/net/bridge): modprobe br_netfilter")
+
+
+def write_file(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
 
 
 def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -194,7 +202,7 @@ def leftovers(folder: Path, pids: list[int]) -> list[str]:
     cgroups, changed sysctls and the kubelet's fixed paths. Empty when `stop` and `network_down` did their job."""
     saved = folder / "host-before.json"
     before = json.loads(saved.read_text()) if saved.exists() else {"sysctls": {}, "existing": [], "iptables": []}
-    left = [f"process {pid}" for pid in pids if _alive(pid)]
+    left = [f"process {pid}" for pid in pids if alive(pid)]
     left += [f"mount {m}" for m in mounts_under(folder)]
     left += [
         f"mount {line.split()[1]}"
@@ -213,11 +221,3 @@ def leftovers(folder: Path, pids: list[int]) -> list[str]:
     left += [f"path {p}" for p in FIXED_PATHS if p not in before["existing"] and os.path.lexists(p)]
     left += [f"shim {pid}" for pid in shims(folder)]
     return left
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state not in ("Z", "X")

@@ -10,15 +10,9 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from tests.controlplane.host import NodeError, run
+from tests.controlplane.host import NodeError, run, write_file
 
 IMAGE_PREFIX = "batchinfer.local"
-
-
-def write_file(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
 
 
 def _oci_image(cache: Path, name: str, tag: str, files: dict[str, Path], config: list[str]) -> Path:

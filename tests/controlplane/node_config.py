@@ -9,8 +9,8 @@ from pathlib import Path
 import yaml
 
 from tests.controlplane import pki
-from tests.controlplane.host import BRIDGE, CNI_DIR, GATEWAY, SERVICE_CIDR
-from tests.controlplane.images import IMAGE_PREFIX, write_file
+from tests.controlplane.host import BRIDGE, CNI_DIR, GATEWAY, SERVICE_CIDR, write_file
+from tests.controlplane.images import IMAGE_PREFIX
 
 NODE_NAME = "batchinfer-node"
 POD_CIDR = "198.18.0.0/16"
