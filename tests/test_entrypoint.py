@@ -51,3 +51,21 @@ def test_entrypoint_refuses_an_invalid_spec_file_with_field_paths(tmp_path: Path
     assert result.returncode == 2
     assert "error: spec.model: model needs exactly one of" in result.stderr
     assert "error: spec.input: Field required" in result.stderr
+
+
+def test_without_a_service_account_token_the_job_runs_and_says_once_why(monkeypatch, caplog) -> None:
+    """A pod whose ServiceAccount mounts no token (automountServiceAccountToken: false): no reporter, one
+    warning naming the BatchInference and the reason, no crash (every attempt used to fail at start)."""
+    import logging
+
+    from batchinfer_job.status_reporter import StatusReporter
+
+    monkeypatch.setenv("BATCHINFER_NAME", "no-token")
+    monkeypatch.setenv("BATCHINFER_NAMESPACE", "ml-batch")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "198.19.0.1")  # in a pod, but /var/run/secrets/... is absent
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    assert not Path("/var/run/secrets/kubernetes.io/serviceaccount/token").exists()
+    with caplog.at_level(logging.WARNING):
+        assert StatusReporter.in_cluster() is None
+    (record,) = [r for r in caplog.records if "progress is not reported" in r.getMessage()]
+    assert "ml-batch/no-token" in record.getMessage() and "token" in record.getMessage()

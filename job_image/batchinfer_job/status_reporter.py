@@ -29,13 +29,29 @@ class StatusReporter:
 
     @classmethod
     def in_cluster(cls) -> StatusReporter | None:
-        """A reporter for the BatchInference named in the pod's environment, or None outside a cluster."""
+        """A reporter for the BatchInference named in the pod's environment, or None outside a cluster.
+
+        Also None, said once in the log, when the pod cannot reach the API server as its ServiceAccount (a
+        ServiceAccount with automountServiceAccountToken: false mounts no token): the job runs all the same;
+        only `kubectl get bi` shows no progress until it ends.
+        """
         name, namespace = os.environ.get("BATCHINFER_NAME"), os.environ.get("BATCHINFER_NAMESPACE")
         if not (name and namespace):
             return None
         import kubernetes
 
-        kubernetes.config.load_incluster_config()
+        try:
+            kubernetes.config.load_incluster_config()
+        except kubernetes.config.ConfigException as err:
+            log.warning(
+                "progress is not reported to BatchInference %s/%s: %s (the pod's ServiceAccount token is not "
+                "mounted; give the Ray pods an account with automountServiceAccountToken, or accept no live "
+                "progress); the job runs on",
+                namespace,
+                name,
+                err,
+            )
+            return None
         return cls(namespace=namespace, name=name, api=kubernetes.client.CustomObjectsApi())
 
     def __call__(self, report: ProgressReport, final: bool = False) -> None:
