@@ -174,16 +174,20 @@ def test_auto_decodes_on_the_device_only_when_the_actor_has_a_gpu() -> None:
 def test_decoding_overlaps_the_model_but_model_calls_never_overlap(
     photo_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two calls at once, as Ray Data makes them with max_concurrent_calls_per_actor=2: while one batch is on
-    the model (SlowPredictor, 0.5 s), the other is decoded; the model lock lets one batch at a time in."""
-    monkeypatch.setenv("BATCHINFER_SLOW_SECONDS", "0.5")
+    """Calls at once, as Ray Data makes them with max_concurrent_calls_per_actor=2: while one batch is on the
+    model (SlowPredictor, 1 s), the others are decoded; the model lock lets one batch at a time in. The later
+    calls start only once the first is on the model, so a slow decode cannot hide the overlap."""
+    monkeypatch.setenv("BATCHINFER_SLOW_SECONDS", "1")
     actor = TorchPredictor(PredictorConfig(model={"predictor": "batchinfer_job.fault_predictors:SlowPredictor"}))
     spans: dict[str, list[tuple[float, float]]] = {"decode": [], "model": []}
     decode, predict = actor.decode, actor._predict_batch
+    on_model = threading.Event()
 
     def timed(name: str, fn):
         def wrapper(batch):
             start = time.monotonic()
+            if name == "model":
+                on_model.set()
             try:
                 return fn(batch)
             finally:
@@ -197,15 +201,19 @@ def test_decoding_overlaps_the_model_but_model_calls_never_overlap(
     batches = [fetch_batch(uri_batch(paths[i : i + 6])) for i in range(0, 24, 6)]
     tables = []
     threads = [threading.Thread(target=lambda b=b: tables.append(actor(b))) for b in batches]
-    for thread in threads:
+    threads[0].start()
+    assert on_model.wait(timeout=120), "the first batch never reached the model"
+    for thread in threads[1:]:
         thread.start()
-        time.sleep(0.05)
     for thread in threads:
         thread.join()
     assert sorted(k for t in tables for k in t["key"].to_pylist()) == sorted(str(p) for p in paths[:24])
     model = sorted(spans["model"])
-    assert all(a[1] <= b[0] for a, b in itertools.pairwise(model))  # one at a time
-    assert any(m0 < d0 < m1 for m0, m1 in model for d0, _ in spans["decode"])  # a decode ran during a model call
+    assert len(model) == 4 and all(a[1] <= b[0] for a, b in itertools.pairwise(model))  # one at a time
+    first_model = model[0]
+    later_decodes = sorted(spans["decode"])[1:]
+    # with decode inside the lock, every later decode would start after the first model call ends
+    assert any(first_model[0] < d0 < first_model[1] for d0, _ in later_decodes)
 
 
 @pytest.mark.usefixtures("local_ray")
