@@ -10,8 +10,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from batchinfer_job.classes import load_classes
 from batchinfer_job.documents import load_batchinferences
-from batchinfer_job.spec import BatchInferenceSpec
+from batchinfer_job.spec import BatchInference, BatchInferenceSpec
 from batchinfer_operator import naming
 from batchinfer_operator.cli import app
 from batchinfer_operator.render import ENTRYPOINT, Owner, render_children, render_rayjob
@@ -20,6 +21,12 @@ from tests.crd_schemas import kuberay_validator, schema_errors
 
 SAMPLES = sorted(Path("manifests/samples").glob("*.yaml"))
 SETTINGS = OperatorSettings()
+SAMPLE_CLASSES = load_classes([Path("manifests/samples/classes")])
+
+
+def sample_document(stem: str) -> BatchInference:
+    """A sample as the operator sees it with the sample classes installed."""
+    return load_batchinferences(Path(f"manifests/samples/{stem}.yaml"), SAMPLE_CLASSES)[0]
 
 
 def by_kind(children: list[dict]) -> dict[str, dict]:
@@ -28,8 +35,7 @@ def by_kind(children: list[dict]) -> dict[str, dict]:
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.name)
 def test_render_output_of_every_sample_passes_the_kuberay_crd(sample: Path) -> None:
-    gpu_class = sample.parent / "classes" / "gpu-a100.yaml"  # not a default: only samples that name it get it
-    result = CliRunner().invoke(app, ["render", str(sample), "--class", str(gpu_class)])
+    result = CliRunner().invoke(app, ["render", str(sample), "--class", "manifests/samples/classes"])
     assert result.exit_code == 0, result.output
     docs = list(yaml.safe_load_all(result.output))
     rayjobs = [d for d in docs if d["kind"] == "RayJob"]
@@ -46,7 +52,7 @@ def test_render_output_of_every_sample_passes_the_kuberay_crd(sample: Path) -> N
 
 
 def test_gpu_sample_requests_gpus_and_sets_replicas_explicitly() -> None:
-    doc = load_batchinferences(Path("manifests/samples/resnet152-gpu-s3.yaml"))[0]
+    doc = sample_document("resnet152-gpu-s3")
     rayjob = render_rayjob(doc.spec, Owner(doc.metadata.name, "ml-batch"), SETTINGS)
     group = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (1, 1, 4)
@@ -59,8 +65,50 @@ def test_gpu_sample_requests_gpus_and_sets_replicas_explicitly() -> None:
     assert group["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
 
 
+def pod_specs(rayjob: dict) -> dict[str, dict]:
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    return {
+        "head": cluster["headGroupSpec"]["template"]["spec"],
+        "worker": cluster["workerGroupSpecs"][0]["template"]["spec"],
+        "submitter": rayjob["spec"]["submitterPodTemplate"]["spec"],
+    }
+
+
+def test_the_cpu_only_head_takes_none_of_the_workers_gpu_node_constraints() -> None:
+    doc = sample_document("resnet152-gpu-s3")
+    pods = pod_specs(render_rayjob(doc.spec, Owner(doc.metadata.name, "ml-batch"), SETTINGS))
+    assert pods["worker"]["nodeSelector"] and pods["worker"]["tolerations"]
+    for name in ("head", "submitter"):
+        assert not {"nodeSelector", "tolerations", "affinity"} & set(pods[name]), name
+
+
+def test_a_spec_or_class_may_place_the_head_on_its_own_nodes() -> None:
+    doc = sample_document("resnet152-gpu-s3")
+    head_placement = {
+        "nodeSelector": {"pool": "system"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ray-head", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}},
+    }
+    spec = doc.spec.model_validate(
+        {**doc.spec.model_dump(), "scheduling": {**doc.spec.scheduling.model_dump(), "head": head_placement}}
+    )
+    pods = pod_specs(render_rayjob(spec, Owner(doc.metadata.name, "ml-batch"), SETTINGS))
+    assert {k: pods["head"][k] for k in head_placement} == head_placement
+    assert pods["worker"]["nodeSelector"] == dict(doc.spec.scheduling.nodeSelector or {})
+
+
+def test_only_the_head_gets_a_service_account_token() -> None:
+    """The head patches progress and runs the autoscaler; user code on workers and the submitter get none."""
+    for sample in SAMPLES:
+        doc = sample_document(sample.stem)
+        pods = pod_specs(render_rayjob(doc.spec, Owner(doc.metadata.name, "ml-batch"), SETTINGS))
+        assert "automountServiceAccountToken" not in pods["head"], sample
+        assert pods["worker"]["automountServiceAccountToken"] is False, sample
+        assert pods["submitter"]["automountServiceAccountToken"] is False, sample
+
+
 def test_kueue_sample_gets_queue_label_and_stays_suspended() -> None:
-    doc = load_batchinferences(Path("manifests/samples/kueue-queued.yaml"))[0]
+    doc = sample_document("kueue-queued")
     rayjob = render_rayjob(doc.spec, Owner(doc.metadata.name, "ml-batch"), SETTINGS)
     assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-ml"
     assert rayjob["spec"]["suspend"] is True
@@ -68,7 +116,7 @@ def test_kueue_sample_gets_queue_label_and_stays_suspended() -> None:
 
 
 def test_credentials_only_by_reference() -> None:
-    doc = load_batchinferences(Path("manifests/samples/resnet152-gpu-s3.yaml"))[0]
+    doc = sample_document("resnet152-gpu-s3")
     children = render_children(doc.spec, Owner(doc.metadata.name, "ml-batch"), SETTINGS)
     head = by_kind(children)["RayJob"]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     assert head["containers"][0]["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]

@@ -486,6 +486,16 @@ class ClusterSpec(_Model):
         return self
 
 
+class HeadSchedulingSpec(_Model):
+    nodeSelector: dict[LabelKey, LabelValue] | None = Field(
+        default=None, max_length=MAX_MAP_ENTRIES, description="Node selector of the Ray head pod (default: none)."
+    )
+    tolerations: list[dict[str, Any]] | None = Field(
+        default=None, max_length=MAX_MAP_ENTRIES, description="Tolerations of the Ray head pod (default: none)."
+    )
+    affinity: dict[str, Any] | None = Field(default=None, description="Affinity of the Ray head pod (default: none).")
+
+
 class SchedulingSpec(_Model):
     queueName: str | None = Field(
         default=None,
@@ -493,14 +503,29 @@ class SchedulingSpec(_Model):
         max_length=63,
         json_schema_extra={"pattern": _DNS_LABEL.pattern},
     )
-    priorityClassName: str | None = Field(default=None, description="PriorityClass of the Ray pods.", max_length=253)
+    priorityClassName: str | None = Field(
+        default=None, description="PriorityClass of every pod of the job (head, workers, submitter).", max_length=253
+    )
     nodeSelector: dict[LabelKey, LabelValue] | None = Field(
-        default=None, max_length=MAX_MAP_ENTRIES, description="Node selector of the Ray pods."
+        default=None,
+        max_length=MAX_MAP_ENTRIES,
+        description="Node selector of the Ray worker pods (the head's is scheduling.head.nodeSelector).",
     )
     tolerations: list[dict[str, Any]] | None = Field(
-        default=None, max_length=MAX_MAP_ENTRIES, description="Tolerations of the Ray pods."
+        default=None,
+        max_length=MAX_MAP_ENTRIES,
+        description="Tolerations of the Ray worker pods (the head's are scheduling.head.tolerations).",
     )
-    affinity: dict[str, Any] | None = Field(default=None, description="Affinity of the Ray pods.")
+    affinity: dict[str, Any] | None = Field(
+        default=None, description="Affinity of the Ray worker pods (the head's is scheduling.head.affinity)."
+    )
+    head: HeadSchedulingSpec = Field(
+        default_factory=HeadSchedulingSpec,
+        description=(
+            "Where the Ray head pod goes. The head runs no model (0 CPUs for Ray tasks, no GPU unless "
+            "cluster.head.gpu), so by default it takes none of the workers' GPU-node constraints."
+        ),
+    )
 
     @field_validator("queueName")
     @classmethod

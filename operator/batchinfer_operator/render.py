@@ -159,22 +159,31 @@ def _container(
 
 
 def _pod_template(
-    spec: s.BatchInferenceSpec, owner: Owner, container: dict[str, Any], labels: dict[str, str]
+    spec: s.BatchInferenceSpec,
+    owner: Owner,
+    container: dict[str, Any],
+    labels: dict[str, str],
+    placement: s.HeadSchedulingSpec | s.SchedulingSpec,
+    *,
+    token: bool,
 ) -> dict[str, Any]:
+    """A Ray pod. `token`: whether the ServiceAccount's token is mounted (only the head needs one: it patches
+    progress and runs the autoscaler; user predictor code on workers gets no API credentials)."""
     pod: dict[str, Any] = {
         "serviceAccountName": service_account_name(spec, owner),
         "containers": [container],
         "volumes": [{"name": "batchinfer-job", "configMap": {"name": naming.child_name(owner.name, "job")}}],
     }
-    sched = spec.scheduling
-    if sched.nodeSelector:
-        pod["nodeSelector"] = dict(sched.nodeSelector)
-    if sched.tolerations:
-        pod["tolerations"] = list(sched.tolerations)
-    if sched.affinity:
-        pod["affinity"] = dict(sched.affinity)
-    if sched.priorityClassName:
-        pod["priorityClassName"] = sched.priorityClassName
+    if not token:
+        pod["automountServiceAccountToken"] = False
+    if placement.nodeSelector:
+        pod["nodeSelector"] = dict(placement.nodeSelector)
+    if placement.tolerations:
+        pod["tolerations"] = list(placement.tolerations)
+    if placement.affinity:
+        pod["affinity"] = dict(placement.affinity)
+    if spec.scheduling.priorityClassName:
+        pod["priorityClassName"] = spec.scheduling.priorityClassName
     return {"metadata": {"labels": labels}, "spec": pod}
 
 
@@ -182,10 +191,12 @@ def _submitter_template(
     spec: s.BatchInferenceSpec, owner: Owner, settings: OperatorSettings, labels: dict[str, str]
 ) -> dict[str, Any]:
     """The pod that submits the job to the cluster (KubeRay fills in its command): small, hardened, the job's
-    ServiceAccount, and no GPU node selector or tolerations, so it lands on an ordinary CPU node."""
+    ServiceAccount without its token (`ray job submit` talks to the dashboard, not the API server), and no GPU
+    node selector or tolerations, so it lands on an ordinary CPU node."""
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "serviceAccountName": service_account_name(spec, owner),
+        "automountServiceAccountToken": False,
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [
             {
@@ -230,7 +241,7 @@ def render_rayjob(spec: s.BatchInferenceSpec, owner: Owner, settings: OperatorSe
             "headGroupSpec": {
                 # The head schedules no tasks: decode and model actors go to workers; the driver runs here.
                 "rayStartParams": {"num-cpus": "0"},
-                "template": _pod_template(spec, owner, head, labels),
+                "template": _pod_template(spec, owner, head, labels, spec.scheduling.head, token=True),
             },
             "workerGroupSpecs": [
                 {
@@ -239,7 +250,7 @@ def render_rayjob(spec: s.BatchInferenceSpec, owner: Owner, settings: OperatorSe
                     "minReplicas": workers.minReplicas,
                     "maxReplicas": workers.maxReplicas,
                     "rayStartParams": {},
-                    "template": _pod_template(spec, owner, worker, labels),
+                    "template": _pod_template(spec, owner, worker, labels, spec.scheduling, token=False),
                 }
             ],
         },
