@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
+from batchinfer_job.classes import load_classes
+from batchinfer_job.documents import SpecError, load_batchinferences
+from batchinfer_job.spec import job_gpus
 from batchinfer_operator.cli import app
 from tests.helpers import document
 
@@ -20,10 +27,33 @@ def write(tmp_path: Path, name: str, body: dict) -> Path:
     return path
 
 
-def test_validate_accepts_every_sample() -> None:
-    result = runner.invoke(app, ["validate", *map(str, SAMPLES), "--class", "manifests/samples/classes/gpu-a100.yaml"])
-    assert result.exit_code == 0, result.output
-    assert SAMPLES
+def readme_command(prefix: str) -> str:
+    (line,) = [ln for ln in Path("README.md").read_text().splitlines() if ln.startswith(prefix)]
+    return line
+
+
+@pytest.mark.parametrize("prefix", ["batchinfer validate manifests/samples/", "batchinfer render manifests/samples/"])
+def test_the_readmes_validate_and_render_commands_accept_the_samples_as_written(prefix: str) -> None:
+    """Verbatim, through a shell (its glob), with the sample classes as `kubectl apply -f` would install them."""
+    command = readme_command(prefix)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, command + "\n" + result.stdout + result.stderr
+    assert len(SAMPLES) >= 6
+
+
+def test_every_sample_is_valid_under_the_sample_classes_and_each_is_needed(tmp_path: Path) -> None:
+    """Samples and sample classes agree: each sample validates with the folder of classes; the GPU samples name
+    the `gpu` class and the others fall under the default `cpu` class, which would refuse a GPU sample."""
+    classes = load_classes([Path("manifests/samples/classes")])
+    assert {c.name for c in classes} == {"cpu", "gpu", "gpu-a100"}
+    for sample in SAMPLES:
+        (doc,) = load_batchinferences(sample, classes)
+        assert doc.spec.className is not None or job_gpus(doc.spec) == 0, sample  # the default class: CPU only
+    body = yaml.safe_load(Path("manifests/samples/weights-uri.yaml").read_text())
+    del body["spec"]["className"]
+    with pytest.raises(SpecError, match="maxGpusPerJob"):
+        load_batchinferences(write(tmp_path, "no-class.yaml", body), classes)
 
 
 def test_validate_names_each_bad_field(tmp_path: Path) -> None:

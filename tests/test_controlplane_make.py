@@ -91,6 +91,7 @@ def check_the_operator_runs_in_the_cluster(kubectl: Path, env: dict[str, str]) -
     assert pod["spec"]["serviceAccountName"] == "batchinfer"
     assert pod["spec"]["containers"][0]["image"] == f"{node.IMAGE_PREFIX}/batchinfer-operator:dev"
     assert k("create", "namespace", "ml-batch").returncode == 0
+    assert k("apply", "-f", "manifests/samples/classes/").returncode == 0  # the sample names the `gpu` class
     assert k("-n", "ml-batch", "apply", "-f", str(SAMPLE)).returncode == 0
     name = yaml.safe_load(SAMPLE.read_text())["metadata"]["name"]
     deadline = time.monotonic() + 60

@@ -371,9 +371,11 @@ def resolve(
 
 
 def load_classes(paths: Sequence[Path]) -> list[BatchInferenceClass]:
-    """Every BatchInferenceClass in the files (as `kubectl apply` takes them); SpecError names each problem."""
+    """Every BatchInferenceClass in the files, a folder standing for its *.yaml/*.yml files (as `kubectl apply
+    -f` takes them); SpecError names each problem."""
     found, problems = [], []
-    for path in paths:
+    files = [f for p in paths for f in (sorted([*p.glob("*.yaml"), *p.glob("*.yml")]) if p.is_dir() else [p])]
+    for path in files:
         for index, document in enumerate(load_documents(path)):
             kind = document.get("kind") if isinstance(document, dict) else None
             if kind != KIND:

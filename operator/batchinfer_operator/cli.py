@@ -17,8 +17,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 CLASS_OPTION = typer.Option(
     None,
     "--class",
-    help="BatchInferenceClass YAML (repeatable): applied as the operator applies it; its default-annotated "
-    "class applies when a document names none.",
+    help="BatchInferenceClass YAML file or folder of them (repeatable): applied as the operator applies it; "
+    "the default-annotated class applies when a document names none.",
 )
 
 
