@@ -150,13 +150,17 @@ def start(folder: Path, timeout: float = 180, with_node: bool = False) -> Contro
         node_flags = [
             f"--service-cluster-ip-range={node.SERVICE_CIDR}",
             "--authorization-mode=Node,RBAC",
-            "--enable-admission-plugins=NodeRestriction",
+            "--enable-admission-plugins=NodeRestriction,OwnerReferencesPermissionEnforcement",
             f"--kubelet-client-certificate={keys.path('admin.crt')}",
             f"--kubelet-client-key={keys.path('admin.key')}",
             f"--kubelet-certificate-authority={keys.ca_cert}",
             "--kubelet-preferred-address-types=InternalIP",
         ]
-        plain_flags = ["--service-cluster-ip-range=10.0.0.0/24", "--authorization-mode=RBAC"]
+        plain_flags = [
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--authorization-mode=RBAC",
+            "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
+        ]
         processes["kube-apiserver"] = spawn(
             "kube-apiserver",
             [

@@ -53,6 +53,11 @@ No wildcards; no Secrets (credentials reach Ray pods by reference only).
 - apiGroups: ["batchinfer.dev"]
   resources: ["batchinferences/status"]
   verbs: ["get", "patch"]
+# Children carry an owner reference with blockOwnerDeletion: true; clusters that enforce owner-reference
+# permissions (the OwnerReferencesPermissionEnforcement admission plugin, on in OpenShift) require this.
+- apiGroups: ["batchinfer.dev"]
+  resources: ["batchinferences/finalizers"]
+  verbs: ["update"]
 # batchinfer: the children it creates per BatchInference.
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
