@@ -24,11 +24,12 @@ from batchinfer_job.status_reporter import StatusReporter
 from batchinfer_operator import naming
 from batchinfer_operator.render import Owner, service_account_name
 from batchinfer_operator.settings import DEFAULT_JOB_IMAGE
-from tests.controlplane.fixtures import OPERATOR_NAMESPACE, Cluster, OperatorProcess, impersonating
+from tests.controlplane.fixtures import OPERATOR_NAMESPACE, RESYNC_SECONDS, Cluster, OperatorProcess, impersonating
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.usefixtures("real_operator")
 
+TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 SECRET_VALUE = f"never-copy-{uuid.uuid4().hex}"  # a credential that must appear in no spec, status or log
 
 
@@ -120,10 +121,16 @@ def test_kuberay_turns_our_rayjob_into_the_pods_we_asked_for(cluster: Cluster, r
         container = pod.spec.containers[0]
         assert container.image == DEFAULT_JOB_IMAGE
         assert pod.spec.service_account_name == runner
-        assert pod.spec.node_selector == {"nvidia.com/gpu.present": "true"}
-        assert any(t.key == "nvidia.com/gpu" and t.operator == "Exists" for t in pod.spec.tolerations)
         assert [e.secret_ref.name for e in container.env_from] == ["s3-credentials"]
         assert container.security_context.allow_privilege_escalation is False
+    worker_pod, head_pod = pods["worker"].spec, pods["head"].spec
+    assert worker_pod.node_selector == {"nvidia.com/gpu.present": "true"}
+    assert any(t.key == "nvidia.com/gpu" and t.operator == "Exists" for t in worker_pod.tolerations)
+    # the CPU-only head is not pinned to GPU nodes (the only tolerations it has are the API server's defaults)
+    assert not head_pod.node_selector and not any(t.key == "nvidia.com/gpu" for t in head_pod.tolerations or [])
+    # the API server's ServiceAccount admission mounts a token into the head only
+    assert any(m.mount_path == TOKEN_DIR for m in head_pod.containers[0].volume_mounts)
+    assert not any(m.mount_path == TOKEN_DIR for c in worker_pod.containers for m in c.volume_mounts or [])
     worker = pods["worker"].spec.containers[0]
     assert worker.resources.limits["nvidia.com/gpu"] == "1"
     assert "nvidia.com/gpu" not in (pods["head"].spec.containers[0].resources.limits or {})
@@ -390,3 +397,74 @@ def test_the_charts_rbac_lets_the_operator_delete_a_rayjob(cluster: Cluster, run
     operator.custom.delete_namespaced_custom_object("ray.io", "v1", namespace, "rayjobs", name)
     eventually(lambda: cluster.ray(namespace, "rayjobs") == [], 30, "the RayJob gone")
     eventually(lambda: cluster.ray(namespace, "rayclusters") == [], 60, "its RayCluster collected")
+
+
+def test_owner_references_are_enforced_and_the_charts_rbac_satisfies_them(
+    cluster: Cluster, running, control_plane
+) -> None:
+    """The API server runs OwnerReferencesPermissionEnforcement, as OpenShift does: a child whose owner reference
+    sets blockOwnerDeletion (kopf's do) needs `update` on batchinferences/finalizers. Someone allowed to create
+    ConfigMaps but not that is refused; the operator, with the chart's ClusterRole, is not."""
+    namespace, _ = running
+    bi = cluster.get_bi(namespace, "resnet")
+    owner = {
+        "apiVersion": f"{s.API_GROUP}/{s.API_VERSION}",
+        "kind": s.KIND,
+        "name": "resnet",
+        "uid": bi["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    cluster.rbac.create_namespaced_role(
+        namespace,
+        {
+            "metadata": {"name": "configmap-writer"},
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}],
+        },
+    )
+    subjects = [
+        {"kind": "User", "name": "stranger", "apiGroup": "rbac.authorization.k8s.io"},
+        {"kind": "ServiceAccount", "name": "batchinfer", "namespace": OPERATOR_NAMESPACE},
+    ]
+    cluster.rbac.create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": "configmap-writer"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "configmap-writer"},
+            "subjects": subjects,
+        },
+    )
+
+    def child(name: str) -> dict[str, Any]:
+        return {"metadata": {"name": name, "ownerReferences": [owner]}, "data": {}}
+
+    with pytest.raises(ApiException) as refused:
+        impersonating(control_plane, "stranger").core.create_namespaced_config_map(namespace, child("by-stranger"))
+    assert refused.value.status in (403, 422) and "blockOwnerDeletion" in refused.value.body, refused.value.body
+    operator = impersonating(control_plane, f"system:serviceaccount:{OPERATOR_NAMESPACE}:batchinfer")
+    operator.core.create_namespaced_config_map(namespace, child("by-operator"))
+
+
+def test_a_job_held_suspended_past_its_deadline_runs_once_resumed(cluster: Cluster, cluster_namespace: str) -> None:
+    """KubeRay sets a RayJob's status.startTime when it initializes, also when it is created suspended (as Kueue
+    holds it), and keeps it while Suspended. The deadline counts from when the job first ran, so a job held
+    longer than its deadline is not failed, and gets its RayCluster once resumed."""
+    create_secret(cluster, cluster_namespace)
+    document = gpu_document("held")
+    document["spec"] |= {"suspend": True, "activeDeadlineSeconds": 10}
+    cluster.create_bi(cluster_namespace, document)
+    rayjob = naming.rayjob_name("held")
+
+    def kuberay_status() -> dict[str, Any]:
+        found = [r for r in cluster.ray(cluster_namespace, "rayjobs") if r["metadata"]["name"] == rayjob]
+        return (found[0].get("status") or {}) if found else {}
+
+    held = eventually(lambda: kuberay_status().get("jobDeploymentStatus") == "Suspended" and kuberay_status())
+    assert held.get("startTime"), held  # what the operator used to take as the start
+    time.sleep(10 + 3 * RESYNC_SECONDS)  # past the deadline, with resyncs that would have failed it
+    bi = cluster.get_bi(cluster_namespace, "held")
+    assert bi["status"]["phase"] == "Suspended" and "startTime" not in bi["status"], bi["status"]
+    cluster.patch_bi(cluster_namespace, "held", {"spec": {"suspend": False}})
+    eventually(lambda: cluster.ray(cluster_namespace, "rayclusters"), 60, "the resumed job's RayCluster")
+    bi = cluster.get_bi(cluster_namespace, "held")
+    assert bi["status"]["phase"] != "Failed", bi["status"]

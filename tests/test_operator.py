@@ -288,7 +288,7 @@ def test_the_deadline_counts_from_the_first_attempt_and_the_operator_ends_the_jo
         what="Failed by the deadline",
     )
     assert status["reason"] == "DeadlineExceeded"
-    assert "activeDeadlineSeconds=60 passed since the first attempt started (2026-11-25T10:00:00Z)" in status["message"]
+    assert "activeDeadlineSeconds=60 passed since the job first ran (2026-11-25T10:00:00Z)" in status["message"]
     eventually(lambda: api.rayjobs(namespace) == [], what="the RayJob deleted")
 
 

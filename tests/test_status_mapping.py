@@ -67,11 +67,28 @@ def test_transition_time_moves_only_when_a_condition_flips() -> None:
 
 
 def test_a_retry_shows_its_attempt_and_keeps_the_first_start_time() -> None:
-    first = status_from_rayjob(rayjob(jobDeploymentStatus="Running", startTime="T1", failed=0), {}, "now", 1)
+    first = status_from_rayjob(
+        rayjob(jobDeploymentStatus="Running", jobStatus="RUNNING", startTime="T1", failed=0), {}, "now", 1
+    )
     assert (first["phase"], first["attempt"], first["startTime"]) == ("Running", 1, "T1")
     retrying = status_from_rayjob(rayjob(jobDeploymentStatus="Retrying", startTime="T2", failed=1), first, "now", 1)
     assert (retrying["phase"], retrying["attempt"]) == ("Retrying", 2)
     assert "startTime" not in retrying  # KubeRay reset it for the new attempt; the first one's stays
+
+
+def test_time_suspended_queued_or_starting_pods_is_not_the_start() -> None:
+    """KubeRay sets startTime when a RayJob initializes, suspended or not: the start is the Ray job's."""
+    held = status_from_rayjob(rayjob(jobDeploymentStatus="Suspended", jobStatus="NEW", startTime="T0"), {}, "n", 1)
+    starting = status_from_rayjob(rayjob(jobDeploymentStatus="Initializing", startTime="T1"), held, "n", 1)
+    submitted = status_from_rayjob(
+        rayjob(jobDeploymentStatus="Running", jobStatus="PENDING", startTime="T1"), starting, "n", 1
+    )
+    assert [x.get("startTime") for x in (held, starting, submitted)] == [None, None, None]
+    ran = status_from_rayjob(rayjob(jobDeploymentStatus="Running", jobStatus="RUNNING", startTime="T2"), {}, "n", 1)
+    assert ran["startTime"] == "T2"
+    reported = rayjob(jobDeploymentStatus="Running", jobStatus="RUNNING", startTime="T2")
+    reported["status"]["rayJobInfo"] = {"startTime": "T3"}  # the Ray job's own start, from the dashboard
+    assert status_from_rayjob(reported, {}, "n", 1)["startTime"] == "T3"
 
 
 def test_the_dashboard_address_becomes_a_url() -> None:

@@ -94,8 +94,12 @@ def status_from_rayjob(
         patch["rayClusterName"] = rj_status["rayClusterName"]
     if rj_status.get("dashboardURL"):
         patch["dashboardURL"] = dashboard_url(rj_status["dashboardURL"])
-    if rj_status.get("startTime") and not current.get("startTime"):
-        patch["startTime"] = rj_status["startTime"]  # the first attempt's: KubeRay resets it on each retry
+    ran_at = (rj_status.get("rayJobInfo") or {}).get("startTime") or rj_status.get("startTime")
+    if ran_at and not current.get("startTime") and has_run(rj_status):
+        # When the job first ran (the Ray job's own start, from the dashboard, where KubeRay has it): KubeRay's
+        # status.startTime is set on a RayJob held suspended (queued in Kueue) too, and on each retry;
+        # activeDeadlineSeconds counts from the first attempt that ran.
+        patch["startTime"] = ran_at
     if isinstance(rj_status.get("failed"), int):
         patch["attempt"] = rj_status["failed"] + (0 if phase == "Failed" else 1)
     if phase in ("Succeeded", "Failed"):
@@ -103,6 +107,12 @@ def status_from_rayjob(
     if phase == "Failed":
         patch["reason"], patch["message"] = reason, message
     return patch
+
+
+def has_run(rayjob_status: dict[str, Any]) -> bool:
+    """Whether the Ray job of this attempt started: its jobStatus left NEW/PENDING (KubeRay then reports the
+    Ray job's own start as startTime). Suspended and initializing RayJobs have not."""
+    return (rayjob_status.get("jobStatus") or "") in ("RUNNING", *TERMINAL_JOB_STATUSES)
 
 
 def dashboard_url(address: str) -> str:

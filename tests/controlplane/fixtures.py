@@ -25,6 +25,7 @@ from tests.controlplane.cluster import REPO, ControlPlane, start, stop, write_ku
 from tests.helpers import eventually
 
 OPERATOR_NAMESPACE = "batchinfer-system"
+RESYNC_SECONDS = 5
 OPERATOR_RBAC = REPO / "manifests" / "rbac" / "operator-rbac.yaml"
 
 
@@ -148,6 +149,7 @@ class OperatorProcess:
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHINFER_")}
         env["KUBECONFIG"] = str(self.kubeconfig)
+        env["BATCHINFER_RESYNC_SECONDS"] = str(RESYNC_SECONDS)  # deadlines are checked on the resync timer
         kopf = Path(sys.executable).parent / "kopf"
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(

@@ -107,7 +107,8 @@ def seconds_since(timestamp: Any) -> float:
 
 
 def end_after_deadline(body: kopf.Body, namespace: str, name: str, rayjob: str, deadline: int) -> None:
-    """activeDeadlineSeconds counts from the first attempt's start (KubeRay resets it on every retry): delete
+    """activeDeadlineSeconds counts from when the job first ran (not time queued or suspended; KubeRay resets its
+    own start on every retry): delete
     the RayJob, which takes the RayCluster and its pods with it, and only once it is gone mark the BatchInference
     Failed. Until then (a refused delete, a RayJob still finalising) the resync timer tries again."""
     kube.delete_rayjob(namespace, rayjob)
@@ -116,7 +117,7 @@ def end_after_deadline(body: kopf.Body, namespace: str, name: str, rayjob: str, 
             f"activeDeadlineSeconds={deadline} passed; waiting for RayJob {rayjob} to go", delay=5
         )
     message = (
-        f"activeDeadlineSeconds={deadline} passed since the first attempt started "
+        f"activeDeadlineSeconds={deadline} passed since the job first ran "
         f"({status_of(body).get('startTime')}); the RayJob {rayjob} was stopped"
     )
 
