@@ -91,6 +91,7 @@ class StrictEmulator(kmock.KubernetesEmulator):
     status_subresource: set[str] = attrs.field(factory=set)  # plurals with a /status subresource
     validating: bool = True  # False stores objects as they come (created before a schema tightened)
     faults: list[tuple[str, str, int]] = attrs.field(factory=list)  # one-shot (action, plural, HTTP status)
+    updates: list[tuple[str, Any]] = attrs.field(factory=list)  # (plural, body) of every update/patch, in order
     _versions: Any = attrs.field(factory=lambda: itertools.count(1000), init=False)
 
     def _now(self) -> str:
@@ -208,6 +209,8 @@ class StrictEmulator(kmock.KubernetesEmulator):
     async def _handle(self, request: rendering.Request) -> Any:
         if request.resource is not None:
             self._inject_fault(request)
+        if request.resource is not None and request.action == enums.action.UPDATE:
+            self.updates.append((request.resource.plural, copy.deepcopy(request.data)))
         if request.resource is not None and request.action in (enums.action.CREATE, enums.action.UPDATE):
             request = self._admit(request)
         try:

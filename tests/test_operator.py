@@ -10,6 +10,7 @@ import time
 import kubernetes
 import pytest
 
+from batchinfer_job import spec as s
 from batchinfer_job.progress import ProgressReport
 from batchinfer_job.status_reporter import StatusReporter
 from tests.helpers import eventually
@@ -146,6 +147,27 @@ def test_suspend_is_never_written_on_a_rayjob_kueue_admits(operator, api: Api, n
     ignored = eventually(lambda: [e for e in api.events(namespace) if e.reason == "SuspendIgnored"], what="event")
     assert "Kueue queue 'team-ml' owns this RayJob's admission" in ignored[0].message
     assert one_rayjob(api, namespace)["spec"]["suspend"] is True  # left for Kueue to change
+
+
+def test_an_operator_restart_never_writes_suspended_over_a_job_kueue_admitted(
+    operator, k8s, api: Api, namespace: str
+) -> None:
+    spec = quickstart_spec()
+    spec["scheduling"] = {"queueName": "team-ml"}
+    spec["suspend"] = True  # Kueue admits by unsuspending the RayJob; the BatchInference keeps suspend: true
+    kuberay = started(api, namespace, spec)
+    kuberay.initializing()  # admitted: KubeRay is making its cluster
+    eventually(lambda: phase(api, namespace) == "Pending", what="Pending")
+    before = len(k8s.emulator.updates)
+    operator.restart()
+
+    def bi_status_writes() -> list[dict]:
+        return [b["status"] for p, b in k8s.emulator.updates[before:] if p == s.PLURAL and "status" in b]
+
+    # the resumed operator's create/resume handler writes rayJobName and outputUri again: wait for that write
+    eventually(lambda: any("outputUri" in w for w in bi_status_writes()), what="the resume handler's status write")
+    assert [w.get("phase") for w in bi_status_writes() if w.get("phase") == "Suspended"] == [], bi_status_writes()
+    assert phase(api, namespace) == "Pending"
 
 
 def test_spec_the_schema_cannot_catch_fails_with_named_field(operator, api: Api, namespace: str) -> None:

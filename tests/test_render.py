@@ -203,3 +203,12 @@ def test_ci_lints_and_type_checks() -> None:
     assert "make lint" in Path(".ci/run").read_text()
     lint = Path("Makefile").read_text().split("\nlint:", 1)[1].split("\n\n", 1)[0]
     assert "ruff check" in lint and "ruff format --check" in lint and "mypy" in lint
+
+
+def test_every_batchinfer_variable_the_pods_get_is_read_by_the_job() -> None:
+    """No dead configuration: each BATCHINFER_* variable rendered into the Ray pods is read in batchinfer_job."""
+    rayjob = render_rayjob(sample_document("resnet152-gpu-s3").spec, Owner("x", "ns"), SETTINGS)
+    env = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    rendered = {e["name"] for e in env if e["name"].startswith("BATCHINFER_")}
+    job_code = "\n".join(p.read_text() for p in Path("job_image/batchinfer_job").rglob("*.py"))
+    assert rendered and {n for n in rendered if f'"{n}"' not in job_code} == set()

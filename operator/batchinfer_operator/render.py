@@ -109,7 +109,6 @@ def _env(spec: s.BatchInferenceSpec, owner: Owner) -> list[dict[str, Any]]:
     env = [
         {"name": "BATCHINFER_NAME", "value": owner.name},
         {"name": "BATCHINFER_NAMESPACE", "value": owner.namespace},
-        {"name": "BATCHINFER_SPEC", "value": f"{SPEC_DIR}/{SPEC_FILE}"},
         # Ray retries a task its memory monitor kills without end by default: a poisoned input would loop.
         {"name": "RAY_task_oom_retries", "value": str(TASK_OOM_RETRIES)},
     ]

@@ -164,7 +164,9 @@ def create_children(
         if rejected and rejected[0].get("status") == "True":  # it waited for its class: that is over
             accepted = condition("SpecRejected", False, "SpecAccepted", "", body.metadata.get("generation"))
             patch.status["conditions"] = merge_condition(conditions_of(status), accepted)
-    if not status.get("phase") or status.get("phase") == "Pending":
+    if not status.get("phase") or (status.get("phase") == "Pending" and not status.get("acceptedSpecHash")):
+        # The first phase, once (also after waiting Pending for its class). Later the RayJob's status decides:
+        # a resumed operator must not write Suspended over a job Kueue admitted (its spec.suspend stays true).
         patch.status["phase"] = "Suspended" if parsed.suspend else "Pending"
 
 
