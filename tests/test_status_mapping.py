@@ -94,3 +94,24 @@ def test_time_suspended_queued_or_starting_pods_is_not_the_start() -> None:
 def test_the_dashboard_address_becomes_a_url() -> None:
     out = status_from_rayjob(rayjob(jobDeploymentStatus="Running", dashboardURL="rj-head-svc.ns.svc:8265"), {}, "n", 1)
     assert out["dashboardURL"] == "http://rj-head-svc.ns.svc:8265"
+
+
+def test_kuberays_status_check_timeout_says_it_is_final_and_what_to_do() -> None:
+    """KubeRay v1.7.0 fails a RayJob for good after 300 s without its dashboard (never retried)."""
+    kuberay_message = "Job status checks have been failing since 2026-12-01 10:00:00; exceeded timeout of 300s"
+    out = status_from_rayjob(
+        rayjob(
+            jobDeploymentStatus="Failed",
+            jobStatus="RUNNING",
+            reason="JobStatusCheckTimeoutExceeded",
+            message=kuberay_message,
+            failed=0,
+        ),
+        {"phase": "Running"},
+        "n",
+        1,
+    )
+    assert (out["phase"], out["reason"]) == ("Failed", "JobStatusCheckTimeoutExceeded")
+    assert kuberay_message in out["message"]
+    for words in ("never retries it, whatever backoffLimit", "head pod", "port 8265", "same output.uri"):
+        assert words in out["message"], words

@@ -35,12 +35,27 @@ def phase_of(rayjob_status: dict[str, Any]) -> str:
     return "Pending"
 
 
+STATUS_CHECK_TIMEOUT = "JobStatusCheckTimeoutExceeded"
+
+
+def _status_check_timeout_message(kuberay_message: str) -> str:
+    return (
+        f"KubeRay could not reach the Ray dashboard to check the job ({kuberay_message or 'no detail'}). KubeRay "
+        "v1.7.0 fails a RayJob for good after 300 s of failed checks and never retries it, whatever backoffLimit "
+        "says. Usual causes: the head pod was OOM-killed, evicted or restarted, or a NetworkPolicy blocks KubeRay "
+        "from the head's port 8265. Fix that, then create the BatchInference again with the same output.uri: "
+        "committed shards are kept and only unfinished inputs are read again"
+    )
+
+
 def _reason_message(phase: str, rayjob_status: dict[str, Any]) -> tuple[str, str]:
     deployment = rayjob_status.get("jobDeploymentStatus") or "New"
     job = rayjob_status.get("jobStatus") or "PENDING"
     if phase == "Failed":
         reason = rayjob_status.get("reason") or ("JobStopped" if job == "STOPPED" else f"Job{job.capitalize()}")
         message = rayjob_status.get("message") or f"RayJob ended with jobStatus {job} ({deployment})"
+        if reason == STATUS_CHECK_TIMEOUT:
+            message = _status_check_timeout_message(rayjob_status.get("message") or "")
         return reason, message
     if phase == "Succeeded":
         return "JobSucceeded", "all inputs processed; predictions committed"
