@@ -117,7 +117,7 @@ bench-operator: $(STAMP) k8s-binaries ## Operator at scale on a real control pla
 
 images: ## Build the operator and job images (needs a Docker engine)
 	docker build -f operator/Dockerfile -t batchinfer-operator:dev .
-	docker build -f job_image/Dockerfile -t batchinfer-job:dev .
+	docker build -f job_image/Dockerfile -t batchinfer-job:dev $(if $(TORCH_INDEX_URL),--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL)) .
 
 kind-e2e: $(STAMP) $(HELM) ## Real cluster e2e: kind + KubeRay + MinIO + chart + sample (needs Docker, kind; not in CI)
 	bash tests/e2e/kind_e2e.sh

@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray.data
+import ray.exceptions
 
 from batchinfer_job import capacity, commit, inputs, reading, stall, storage
 from batchinfer_job.decode import decode_batch, fetch_batch
-from batchinfer_job.models import preprocess_for
+from batchinfer_job.models import ModelLoadError, preprocess_for
 from batchinfer_job.predictor import (
     CONTRACT_ERROR_COLUMN,
     PredictorConfig,
@@ -62,6 +63,20 @@ class ErrorThresholdExceededError(RuntimeError):
 
 class StallError(TimeoutError):
     """No row was committed for timeouts.stallSeconds; the message names the stage that starved."""
+
+
+class ModelActorStartError(ModelLoadError):
+    """A model actor raised while starting (loading the model, or GPUs torch cannot use): its own error, one line."""
+
+
+def actor_start_failure(err: BaseException) -> ModelActorStartError | None:
+    """Ray reports an actor whose `__init__` raised as ActorDiedError with the whole remote traceback in its
+    text; the last line is the error itself (`package.module.SomeError: message`)."""
+    if not (isinstance(err, ray.exceptions.RayActorError) and err.actor_init_failed):
+        return None
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    name, _, message = (lines[-1] if lines else "").partition(": ")
+    return ModelActorStartError(f"a model actor failed to start: {name.rsplit('.', 1)[-1]}: {message}")
 
 
 class AllRowsFailedError(RuntimeError):
@@ -279,7 +294,7 @@ def stream_tables(
                 finished = True
                 return
             if isinstance(item, BaseException):
-                raise item
+                raise actor_start_failure(item) or item
             yield item
     finally:
         stopped.set()

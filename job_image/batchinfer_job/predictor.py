@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch
 
 from batchinfer_job.decode import error_or_none
+from batchinfer_job.gpu_check import check_assigned_gpus
 from batchinfer_job.models import load_model, preprocess_for
 from batchinfer_job.outputs import PARTITION_COLUMN, prediction_table
 from batchinfer_job.spec import DEFAULT_MAX_IMAGE_PIXELS, ModelSpec
@@ -233,6 +234,7 @@ class TorchPredictor:
         self.preprocess = preprocess_for(spec)
         self.max_pixels = config.max_pixels
         self.top_k = config.top_k
+        check_assigned_gpus()  # GPUs Ray gave this actor that torch cannot use: fail now, never run on the CPU
         self.device = pick_device(config.device)
         self.dtype = resolve_dtype(config.precision, self.device)
         self.batch_timeout = config.batch_timeout
