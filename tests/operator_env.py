@@ -35,6 +35,7 @@ def declare(emulator: StrictEmulator) -> None:
     add("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", namespaced=False)
     add("", "v1", "configmaps", "ConfigMap")
     add("", "v1", "serviceaccounts", "ServiceAccount")
+    add("", "v1", "pods", "Pod")
     add("rbac.authorization.k8s.io", "v1", "roles", "Role")
     add("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding")
     add(s.API_GROUP, s.API_VERSION, s.PLURAL, s.KIND, status=True)

@@ -77,13 +77,16 @@ LOCAL_OPERATOR_IMAGE = (
 SAMPLE = Path("manifests/samples/resnet152-gpu-s3.yaml")
 
 
-def check_the_operator_runs_in_the_cluster(kubectl: Path, env: dict[str, str]) -> None:
-    """The chart's operator pod, from the image built here: Ready (kopf's liveness), and it alone turns a sample
-    BatchInference into a RayJob, through the `kubernetes` Service with the chart's RBAC."""
+def kubectl_runner(kubectl: Path, env: dict[str, str]):
+    def k(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([str(kubectl), *args], input=stdin, capture_output=True, text=True, env=env, timeout=150)
 
-    def k(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(kubectl), *args], capture_output=True, text=True, env=env, timeout=150)
+    return k
 
+
+def check_the_operator_pod_is_ready(kubectl: Path, env: dict[str, str]) -> None:
+    """The chart's operator pod, from the image built here: Ready (kopf's liveness), the chart's account."""
+    k = kubectl_runner(kubectl, env)
     rollout = k("-n", "batchinfer-system", "rollout", "status", "deployment/batchinfer", "--timeout=120s")
     logs = k("-n", "batchinfer-system", "logs", "deployment/batchinfer", "--tail=30")
     assert rollout.returncode == 0, rollout.stderr + logs.stdout + logs.stderr
@@ -91,7 +94,28 @@ def check_the_operator_runs_in_the_cluster(kubectl: Path, env: dict[str, str]) -
     assert pod["spec"]["serviceAccountName"] == "batchinfer"
     assert pod["spec"]["containers"][0]["image"] == f"{node.IMAGE_PREFIX}/batchinfer-operator:dev"
     assert k("create", "namespace", "ml-batch").returncode == 0
-    assert k("apply", "-f", "manifests/samples/classes/").returncode == 0  # the sample names the `gpu` class
+
+
+# Small enough for this node, so its head pod is scheduled and the kubelet tries (and fails) to pull its image.
+NO_IMAGE = """apiVersion: batchinfer.dev/v1alpha1
+kind: BatchInference
+metadata: {name: no-image, namespace: ml-batch}
+spec:
+  model: {packaged: efficientnet_lite0}
+  input: {uri: "s3://in/"}
+  output: {uri: "s3://out/"}
+  cluster:
+    image: batchinfer.local/no-such-image:1
+    head: {cpu: 100m, memory: 256Mi}
+    workers: {replicas: 0, minReplicas: 0, maxReplicas: 0}
+  preRunningDeadlineSeconds: 120
+"""
+
+
+def check_the_operator_turns_the_sample_into_a_rayjob(kubectl: Path, env: dict[str, str]) -> None:
+    """The in-cluster operator alone turns a sample BatchInference into a RayJob, through the `kubernetes`
+    Service with the chart's RBAC."""
+    k = kubectl_runner(kubectl, env)
     assert k("-n", "ml-batch", "apply", "-f", str(SAMPLE)).returncode == 0
     name = yaml.safe_load(SAMPLE.read_text())["metadata"]["name"]
     deadline = time.monotonic() + 60
@@ -103,6 +127,35 @@ def check_the_operator_runs_in_the_cluster(kubectl: Path, env: dict[str, str]) -
     assert owners.stdout == "BatchInference", (
         owners.stderr + k("-n", "batchinfer-system", "logs", "deploy/batchinfer").stdout
     )
+
+
+def check_waiting_jobs_say_why_and_the_wait_is_bounded(kubectl: Path, env: dict[str, str]) -> None:
+    """The real scheduler and kubelet: the GPU sample's pods cannot be scheduled here, the no-image job's image
+    cannot be pulled. Each BatchInference names that while Pending (status and a Warning Event), and the
+    no-image job fails at its preRunningDeadlineSeconds with the reason it waited on."""
+    k = kubectl_runner(kubectl, env)
+    sample = yaml.safe_load(SAMPLE.read_text())["metadata"]["name"]
+
+    def status(name: str) -> dict:
+        got = k("-n", "ml-batch", "get", "bi", name, "-o", "json")
+        return json.loads(got.stdout).get("status", {}) if got.returncode == 0 else {}
+
+    deadline = time.monotonic() + 240  # the operator's resync (60 s) and the 120 s pre-running deadline
+    while time.monotonic() < deadline:
+        gpu, no_image = status(sample), status("no-image")
+        if gpu.get("reason") == "Unschedulable" and no_image.get("phase") == "Failed":
+            break
+        time.sleep(5)
+    logs = k("-n", "batchinfer-system", "logs", "deploy/batchinfer", "--tail=40").stdout
+    assert gpu.get("reason") == "Unschedulable" and gpu.get("phase") == "Pending", (gpu, logs)
+    assert "Unschedulable: 0/1 nodes are available" in gpu["message"], gpu
+    assert no_image.get("reason") == "PreRunningDeadlineExceeded", (no_image, logs)
+    assert "the job was waiting on: waiting to run: pod " in no_image["message"], no_image
+    assert "ImagePullBackOff" in no_image["message"] or "ErrImagePull" in no_image["message"], no_image
+    events = json.loads(k("-n", "ml-batch", "get", "events", "-o", "json").stdout)["items"]
+    warned = {(e["involvedObject"]["name"], e["reason"]) for e in events if e["type"] == "Warning"}
+    assert (sample, "Unschedulable") in warned, warned
+    assert {("no-image", "ImagePullBackOff"), ("no-image", "ErrImagePull")} & warned, warned
 
 
 def test_make_k8s_up_runs_pods_takes_the_helm_install_and_k8s_down_leaves_nothing(tmp_path: Path) -> None:
@@ -130,7 +183,8 @@ def test_make_k8s_up_runs_pods_takes_the_helm_install_and_k8s_down_leaves_nothin
         installed = subprocess.run([str(helm), *install], capture_output=True, text=True, env=env, timeout=120)
         assert installed.returncode == 0, installed.stdout + installed.stderr
         assert "STATUS: deployed" in installed.stdout
-        check_the_operator_runs_in_the_cluster(kubectl, env)
+        check_the_operator_pod_is_ready(kubectl, env)
+        assert kubectl_runner(kubectl, env)("apply", "-f", "-", stdin=NO_IMAGE).returncode == 0  # before classes
         # The platform section's command, verbatim: classes from values, on top of that install.
         upgrade = PLATFORM_UPGRADE.split()
         assert " ".join(upgrade) in Path("README.md").read_text()
@@ -139,7 +193,9 @@ def test_make_k8s_up_runs_pods_takes_the_helm_install_and_k8s_down_leaves_nothin
         assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
         shown = subprocess.run([str(kubectl), "get", "bic"], capture_output=True, text=True, env=env)
         rows = {line.split()[0]: line.split()[1:-1] for line in shown.stdout.splitlines()[1:]}
-        assert rows == {"cpu": ["true", "0"], "gpu-a100": ["8"]}, shown.stdout + shown.stderr
+        assert rows == {"cpu": ["true", "0"], "gpu": ["8"], "gpu-a100": ["8"]}, shown.stdout + shown.stderr
+        check_the_operator_turns_the_sample_into_a_rayjob(kubectl, env)  # the sample names the `gpu` class
+        check_waiting_jobs_say_why_and_the_wait_is_bounded(kubectl, env)
         for pid in [*pids.values(), *node_pids.values()]:  # every listener on loopback or the node's address
             for conn in psutil.Process(pid).net_connections(kind="inet"):
                 if conn.status == psutil.CONN_LISTEN:

@@ -212,3 +212,21 @@ def test_every_batchinfer_variable_the_pods_get_is_read_by_the_job() -> None:
     rendered = {e["name"] for e in env if e["name"].startswith("BATCHINFER_")}
     job_code = "\n".join(p.read_text() for p in Path("job_image/batchinfer_job").rglob("*.py"))
     assert rendered and {n for n in rendered if f'"{n}"' not in job_code} == set()
+
+
+def test_the_wait_before_running_is_bounded_and_pull_secrets_reach_every_pod() -> None:
+    doc = sample_document("resnet152-gpu-s3")
+    rayjob = render_rayjob(doc.spec, Owner(doc.metadata.name, "ml-batch"), SETTINGS)
+    assert rayjob["spec"]["preRunningDeadlineSeconds"] == 1800  # the default
+    spec = doc.spec.model_validate(
+        {
+            **doc.spec.model_dump(),
+            "preRunningDeadlineSeconds": 300,
+            "cluster": {**doc.spec.cluster.model_dump(), "imagePullSecrets": [{"name": "registry-login"}]},
+        }
+    )
+    rayjob = render_rayjob(spec, Owner(doc.metadata.name, "ml-batch"), SETTINGS)
+    assert rayjob["spec"]["preRunningDeadlineSeconds"] == 300
+    for name, pod in pod_specs(rayjob).items():
+        assert pod["imagePullSecrets"] == [{"name": "registry-login"}], name
+    assert schema_errors(kuberay_validator("rayjobs"), rayjob) == []

@@ -115,3 +115,17 @@ def test_kuberays_status_check_timeout_says_it_is_final_and_what_to_do() -> None
     assert kuberay_message in out["message"]
     for words in ("never retries it, whatever backoffLimit", "head pod", "port 8265", "same output.uri"):
         assert words in out["message"], words
+
+
+def test_the_pods_reason_shown_while_waiting_is_cleared_once_running_and_kept_if_the_wait_fails() -> None:
+    waited = {"phase": "Pending", "reason": "ImagePullBackOff", "message": "waiting to run: pod h: ImagePullBackOff"}
+    running = status_from_rayjob(rayjob(jobDeploymentStatus="Running", jobStatus="RUNNING"), waited, "n", 1)
+    assert (running["reason"], running["message"]) == (None, None)  # a merge patch removes them
+    still = status_from_rayjob(rayjob(jobDeploymentStatus="Initializing"), waited, "n", 1)
+    assert "reason" not in still and "message" not in still  # the operator's pod check owns them meanwhile
+    kuberay = "The RayJob has passed the preRunningDeadlineSeconds. StartTime: x. PreRunningDeadlineSeconds: 60"
+    failed = status_from_rayjob(
+        rayjob(jobDeploymentStatus="Failed", reason="PreRunningDeadlineExceeded", message=kuberay), waited, "n", 1
+    )
+    assert failed["reason"] == "PreRunningDeadlineExceeded"
+    assert failed["message"] == f"{kuberay}; the job was waiting on: waiting to run: pod h: ImagePullBackOff"

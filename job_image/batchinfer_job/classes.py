@@ -34,6 +34,7 @@ DEFAULTABLE = (
     "timeouts",
     "errorPolicy",
     "activeDeadlineSeconds",
+    "preRunningDeadlineSeconds",
     "ttlSecondsAfterFinished",
     "backoffLimit",
 )

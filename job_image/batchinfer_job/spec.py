@@ -25,6 +25,7 @@ SHORT_NAMES = ["bi"]
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "az", "file", "local")
 OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "abfs", "az")  # these name a bucket (container) first
 LOCAL_SCHEMES = ("file", "local")
+DEFAULT_PRE_RUNNING_DEADLINE_SECONDS = 1800  # image pulls of several GB and GPU nodes scaled up fit
 INT32_MAX = 2**31 - 1  # Kubernetes and KubeRay declare these fields int32
 INT64_MAX = 2**53 - 1  # the largest integer every JSON and YAML reader (Helm included) keeps exact
 _URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -464,6 +465,11 @@ class ClusterSpec(_Model):
     head: Resources = Field(default_factory=lambda: Resources(cpu="2", memory="4Gi"), description="Head pod resources.")
     workers: WorkersSpec = Field(default_factory=WorkersSpec, description="The worker group.")
     enableInTreeAutoscaling: bool = Field(default=False, description="Let Ray's autoscaler add/remove workers.")
+    imagePullSecrets: list[SecretRef] | None = Field(
+        default=None,
+        max_length=MAX_MAP_ENTRIES,
+        description="Secrets of the job's namespace that let every pod of the job pull the job image.",
+    )
     serviceAccountName: str | None = Field(
         default=None,
         description=(
@@ -560,6 +566,16 @@ class BatchInferenceSpec(_Model):
     suspend: bool = Field(default=False, description="Hold the RayJob suspended (Kueue admits it by unsuspending).")
     activeDeadlineSeconds: int | None = Field(
         default=None, ge=1, le=INT32_MAX, description="Fail the job when it runs longer than this."
+    )
+    preRunningDeadlineSeconds: int = Field(
+        default=DEFAULT_PRE_RUNNING_DEADLINE_SECONDS,
+        ge=1,
+        le=INT32_MAX,
+        description=(
+            "Fail an attempt whose job has not started running this long after its Ray cluster began starting "
+            "(an image that cannot be pulled, a missing Secret, GPU pods that never schedule); time queued or "
+            "suspended does not count. While it waits, status.message names the pod-level reason."
+        ),
     )
     backoffLimit: int = Field(default=0, ge=0, le=100, description="Retries of the whole job on a new cluster.")
     ttlSecondsAfterFinished: int = Field(

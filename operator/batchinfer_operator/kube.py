@@ -15,6 +15,8 @@ from urllib3.exceptions import HTTPError
 
 from batchinfer_job import classes as c
 from batchinfer_job import spec as s
+from batchinfer_operator import naming
+from batchinfer_operator.render import NAME_LABEL
 
 TRANSIENT_STATUSES = {408, 410, 425, 429, 500, 502, 503, 504}
 RETRY_DELAY = float(os.environ.get("BATCHINFER_API_RETRY_SECONDS", "10"))
@@ -162,3 +164,11 @@ def delete_rayjob(namespace: str, name: str) -> None:
     except kopf.PermanentError as err:
         if not isinstance(err.__cause__, ApiException) or err.__cause__.status != 404:
             raise
+
+
+def list_job_pods(namespace: str, name: str) -> list[dict[str, Any]]:
+    """Every pod of a BatchInference's job (Ray head and workers, the submitter), as plain dicts."""
+    selector = f"{NAME_LABEL}={naming.label_value(name)}"
+    with api_errors(f"list pods of BatchInference {namespace}/{name}"):
+        pods = kubernetes.client.CoreV1Api().list_namespaced_pod(namespace, label_selector=selector)
+    return [kubernetes.client.ApiClient().sanitize_for_serialization(p) for p in pods.items]

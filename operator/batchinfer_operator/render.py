@@ -175,6 +175,7 @@ def _pod_template(
     }
     if not token:
         pod["automountServiceAccountToken"] = False
+    pod.update(_pull_secrets(spec))
     if placement.nodeSelector:
         pod["nodeSelector"] = dict(placement.nodeSelector)
     if placement.tolerations:
@@ -184,6 +185,11 @@ def _pod_template(
     if spec.scheduling.priorityClassName:
         pod["priorityClassName"] = spec.scheduling.priorityClassName
     return {"metadata": {"labels": labels}, "spec": pod}
+
+
+def _pull_secrets(spec: s.BatchInferenceSpec) -> dict[str, Any]:
+    secrets = spec.cluster.imagePullSecrets or []
+    return {"imagePullSecrets": [{"name": ref.name} for ref in secrets]} if secrets else {}
 
 
 def _submitter_template(
@@ -207,6 +213,7 @@ def _submitter_template(
             }
         ],
     }
+    pod.update(_pull_secrets(spec))
     if spec.scheduling.priorityClassName:
         pod["priorityClassName"] = spec.scheduling.priorityClassName
     return {"metadata": {"labels": labels}, "spec": pod}
@@ -232,6 +239,9 @@ def render_rayjob(spec: s.BatchInferenceSpec, owner: Owner, settings: OperatorSe
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": spec.ttlSecondsAfterFinished,
         "backoffLimit": spec.backoffLimit,
+        # KubeRay fails an attempt not Running this long after its cluster began initializing (retried within
+        # backoffLimit); the operator names the pod-level reason meanwhile (handlers/rayjob.py).
+        "preRunningDeadlineSeconds": spec.preRunningDeadlineSeconds,
         "suspend": spec.suspend,
         "submitterPodTemplate": _submitter_template(spec, owner, settings, labels),
         "rayClusterSpec": {

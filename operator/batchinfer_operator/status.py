@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from batchinfer_operator.pod_problems import WAITING_REASONS
+
 FAILED_DEPLOYMENTS = {"Failed", "ValidationFailed"}
 SUSPENDED_DEPLOYMENTS = {"Suspended", "Suspending"}
 TERMINAL_JOB_STATUSES = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -36,6 +38,8 @@ def phase_of(rayjob_status: dict[str, Any]) -> str:
 
 
 STATUS_CHECK_TIMEOUT = "JobStatusCheckTimeoutExceeded"
+PRE_RUNNING_DEADLINE = "PreRunningDeadlineExceeded"
+WAITING_PHASES = ("Pending", "Retrying")  # the job waits for its cluster: pod-level reasons are shown
 
 
 def _status_check_timeout_message(kuberay_message: str) -> str:
@@ -119,8 +123,13 @@ def status_from_rayjob(
         patch["attempt"] = rj_status["failed"] + (0 if phase == "Failed" else 1)
     if phase in ("Succeeded", "Failed"):
         patch["completionTime"] = rj_status.get("endTime") or current.get("completionTime") or now
+    waited = current.get("reason") in WAITING_REASONS  # the pods' reason, written while the job waited to run
     if phase == "Failed":
+        if waited and reason == PRE_RUNNING_DEADLINE:
+            message = f"{message}; the job was waiting on: {current.get('message')}"
         patch["reason"], patch["message"] = reason, message
+    elif waited and phase not in WAITING_PHASES:
+        patch["reason"], patch["message"] = None, None  # it runs now: the pod-level reason is over
     return patch
 
 

@@ -66,6 +66,10 @@ No wildcards; no Secrets (credentials reach Ray pods by reference only).
 - apiGroups: [""]
   resources: ["configmaps", "serviceaccounts"]
   verbs: ["get", "create"]
+# batchinfer: while a job waits to run, why its pods do not (image pulls, missing Secrets, scheduling).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 # batchinfer: a Role/RoleBinding that lets each job patch its own BatchInference's status (progress).
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]

@@ -13,8 +13,9 @@ from kubernetes.client.rest import ApiException
 from batchinfer_job import spec as s
 from batchinfer_operator import kube, metrics
 from batchinfer_operator.handlers.batchinference import GVR, SETTINGS, conditions_of, effective_spec_of, now, status_of
+from batchinfer_operator.pod_problems import WAITING_REASONS, pod_problem
 from batchinfer_operator.render import MANAGED_BY
-from batchinfer_operator.status import conditions_for, is_terminal, status_from_rayjob
+from batchinfer_operator.status import WAITING_PHASES, conditions_for, is_terminal, status_from_rayjob
 
 EVENTFUL_PHASES = ("Running", "Retrying", "Succeeded", "Failed", "Suspended")
 DEADLINE_REASON = "DeadlineExceeded"
@@ -94,9 +95,34 @@ def resync(body: kopf.Body, status: kopf.Status, name: str, namespace: str, logg
         rayjob = kube.get_rayjob(namespace, status["rayJobName"])
         if rayjob is not None:
             sync_from_rayjob(rayjob, namespace, name, logger)
+            report_waiting(body, namespace, name)
     except (kopf.PermanentError, kopf.TemporaryError):
         metrics.ERRORS.labels("resync").inc()
         raise
+
+
+def report_waiting(body: kopf.Body, namespace: str, name: str) -> None:
+    """While the job waits to run (Pending, Retrying), name why in its status reason and message, with an
+    Event when that changes: the pods' stuck container or scheduling failure (`pod_problems`)."""
+
+    def waiting(bi: dict[str, Any]) -> dict[str, Any] | None:
+        current = status_of(bi)
+        if current.get("phase") not in WAITING_PHASES:
+            return None
+        shown = current.get("reason") in WAITING_REASONS
+        if problem is None:
+            return {"reason": None, "message": None} if shown else None
+        message = f"waiting to run: {problem.message}"
+        if (current.get("reason"), current.get("message")) == (problem.reason, message):
+            return None
+        return {"reason": problem.reason, "message": message}
+
+    if status_of(body).get("phase") not in WAITING_PHASES:
+        return
+    problem = pod_problem(kube.list_job_pods(namespace, name))
+    written = kube.update_batchinference_status(namespace, name, waiting)
+    if written is not None and problem is not None:
+        kopf.warn(cast(kopf.Body, written[0]), reason=problem.reason, message=written[1]["message"])
 
 
 def seconds_since(timestamp: Any) -> float:
