@@ -106,3 +106,19 @@ def test_readme_spec_reference_is_generated_from_the_schema() -> None:
     readme = Path("README.md").read_text()
     assert replace_reference(readme) == readme, "README spec reference drifted: run `make docs`"
     assert "| `spec.model.torchvision.name` | string (one of" in readme
+
+
+def test_two_batchinferences_with_one_name_in_a_file_are_refused(tmp_path: Path) -> None:
+    one = document({"model": {"packaged": "efficientnet_lite0"}, "input": {"uri": "in/"}, "output": {"uri": "a/"}})
+    other = {**one, "spec": {**one["spec"], "output": {"uri": "b/"}}}
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump_all([one, other]))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1, result.output
+    name = one["metadata"]["name"]
+    assert f"metadata.name {name!r} is used by 2 BatchInferences; kubectl apply would keep only the last" in (
+        result.output
+    )
+    other["metadata"] = {**one["metadata"], "namespace": "elsewhere"}  # same name, another namespace: fine
+    path.write_text(yaml.safe_dump_all([one, other]))
+    assert runner.invoke(app, ["validate", str(path)]).exit_code == 0

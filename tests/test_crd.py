@@ -109,3 +109,26 @@ def test_torchvision_catalog_matches_the_installed_torchvision() -> None:
 
     assert torchvision_catalog.CATALOG_FILE.read_text() == torchvision_catalog.catalog_json(), "run `make crds`"
     assert "resnet152" in torchvision_catalog.catalog()
+
+
+def test_every_documented_default_is_the_default_a_spec_gets() -> None:
+    """The README's reference says `Default: X` for a field; a spec that leaves it unset gets exactly X
+    (the head's memory was documented as the workers' 8Gi while it was 4Gi)."""
+    import json
+    import re
+
+    from batchinfer_job.spec import BatchInferenceSpec
+
+    minimal = {"model": {"packaged": "efficientnet_lite0"}, "input": {"uri": "in/"}, "output": {"uri": "out/"}}
+    got = BatchInferenceSpec.model_validate(minimal).model_dump(mode="json")
+    rows = re.findall(r"^\| `spec\.([A-Za-z.]+)` \|.*Default: (.+?)\. \|$", Path("README.md").read_text(), re.M)
+    checked = 0
+    for path, documented in rows:
+        value: object = got
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None:  # inside an optional section the minimal spec does not have
+            continue
+        assert value == json.loads(documented), (path, documented, value)
+        checked += 1
+    assert checked > 20 and any(p == "cluster.head.memory" for p, _ in rows)

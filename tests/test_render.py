@@ -182,6 +182,20 @@ def test_truncated_names_do_not_collide() -> None:
     assert naming.rayjob_name("my.job") != naming.rayjob_name("my-job")
 
 
+def test_a_name_shaped_like_another_names_hashed_form_does_not_collide_with_it() -> None:
+    """`team.job` is hashed to `team-job-846ee701`; a BatchInference named exactly that once got the same
+    ConfigMap, ServiceAccount, Role, RoleBinding and RayJob names (and label value)."""
+    hashed = naming.rayjob_name("team.job")
+    assert hashed == "team-job-846ee701"
+    assert naming.rayjob_name(hashed) != hashed and naming.label_value(hashed) != naming.label_value("team.job")
+    for role in ("job", "progress"):
+        assert naming.child_name(hashed, role) != naming.child_name("team.job", role)
+    assert naming.runner_account_name(hashed) != naming.runner_account_name("team.job")
+    lookalike = "a" * 62 + "." + "b"  # a label value that must be shortened
+    assert naming.label_value(naming.label_value(lookalike)) != naming.label_value(lookalike)
+    assert naming.rayjob_name("job-2026") == "job-2026" and naming.rayjob_name("job-deadbeef") != "job-deadbeef"
+
+
 @pytest.mark.parametrize("length", [1, 40, 44, 47, 50, 63])
 def test_runner_account_names_survive_kuberays_checkname(length: int) -> None:
     """KubeRay cuts service-account names over 50 characters and rewrites a leading digit (autoscaling)."""

@@ -188,6 +188,25 @@ def load_batchinferences(path: Path, classes: Sequence[Any] = ()) -> list[BatchI
             found.append(parse_document(document, classes))
         except SpecError as err:
             problems += [f"{where}: {p}" for p in err.problems]
+    problems += _duplicate_names(path, found)
     if problems:
         raise SpecError(problems)
     return found
+
+
+def _duplicate_names(path: Path, found: Sequence[BatchInference]) -> list[str]:
+    """Two documents with one name (in one namespace) would be one object to kubectl apply: the later one
+    silently replaces the earlier."""
+    seen: dict[tuple[str | None, str], int] = {}
+    problems = []
+    for doc in found:
+        key = (doc.metadata.namespace, doc.metadata.name)
+        seen[key] = seen.get(key, 0) + 1
+    for (namespace, name), count in seen.items():
+        if count > 1:
+            where = f" in namespace {namespace!r}" if namespace else ""
+            problems.append(
+                f"{path}: metadata.name {name!r}{where} is used by {count} BatchInferences; kubectl apply would keep "
+                "only the last; give each its own name"
+            )
+    return problems

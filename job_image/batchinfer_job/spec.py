@@ -439,6 +439,14 @@ class Resources(_Model):
     gpu: int = Field(default=0, ge=0, le=16, description="nvidia.com/gpu limit per pod.")
 
 
+class HeadResources(Resources):
+    memory: str = Field(
+        default="4Gi",
+        description="Memory request and limit of the head pod.",
+        pattern=r"^[0-9]+(Ki|Mi|Gi|Ti|k|M|G|T)?$",
+    )
+
+
 class WorkersSpec(_Model):
     replicas: int = Field(default=1, ge=0, le=1000, description="Worker pods at start.")
     minReplicas: int = Field(default=1, ge=0, le=1000, description="Fewest worker pods (autoscaling).")
@@ -462,7 +470,7 @@ class ClusterSpec(_Model):
     rayVersion: str | None = Field(
         default=None, description="Ray version of the image (default: the operator's).", max_length=32
     )
-    head: Resources = Field(default_factory=lambda: Resources(cpu="2", memory="4Gi"), description="Head pod resources.")
+    head: HeadResources = Field(default_factory=HeadResources, description="Head pod resources.")
     workers: WorkersSpec = Field(default_factory=WorkersSpec, description="The worker group.")
     enableInTreeAutoscaling: bool = Field(default=False, description="Let Ray's autoscaler add/remove workers.")
     imagePullSecrets: list[SecretRef] | None = Field(

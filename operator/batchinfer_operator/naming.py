@@ -19,16 +19,26 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:_HASH_LEN]
 
 
+_HASHED = re.compile(rf"-[0-9a-f]{{{_HASH_LEN}}}$")
+
+
+def _kept(original: str, clean: str, max_length: int) -> bool:
+    """Whether a name stays as it is: unchanged, short enough, and not shaped like a hashed name (`…-` and 8
+    hex digits), so that a kept name can never equal the hashed form of another."""
+    return clean == original and len(clean) <= max_length and not _HASHED.search(clean)
+
+
 def dns1035(name: str, max_length: int) -> str:
     """A DNS-1035 label (lowercase letter first, [a-z0-9-], alphanumeric last) of at most `max_length`.
 
-    Names that had to change or be shortened get a hash suffix of the original, so two different inputs
-    never collide on the same output.
+    Names that had to change or be shortened, and names that already end like a hash suffix, get a hash suffix
+    of the original: every other name is kept as it is, so two different inputs never give the same output
+    (`team.job` and `team-job-846ee701` once did).
     """
     clean = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
     if not clean or not clean[0].isalpha():
         clean = f"bi-{clean}".rstrip("-")
-    if clean == name and len(clean) <= max_length:
+    if _kept(name, clean, max_length):
         return clean
     suffix = f"-{_digest(name)}"
     return clean[: max_length - len(suffix)].rstrip("-") + suffix
@@ -37,7 +47,7 @@ def dns1035(name: str, max_length: int) -> str:
 def label_value(value: str) -> str:
     """A valid label value (≤ 63, [A-Za-z0-9_.-], alphanumeric at both ends), hashed when shortened."""
     clean = re.sub(r"[^A-Za-z0-9_.-]+", "-", value).strip("-_.")
-    if clean == value and len(clean) <= LABEL_VALUE_MAX:
+    if _kept(value, clean, LABEL_VALUE_MAX):
         return clean
     suffix = f"-{_digest(value)}"
     return clean[: LABEL_VALUE_MAX - len(suffix)].rstrip("-_.") + suffix
