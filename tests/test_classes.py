@@ -13,13 +13,19 @@ import yaml
 from typer.testing import CliRunner
 
 from batchinfer_job import classes as c
-from batchinfer_job.documents import SpecError
+from batchinfer_job.classes import ClassRejected, effective_spec, load_classes, parse_class
+from batchinfer_job.documents import SpecError, parse_spec
 from batchinfer_operator.changes import spec_hash
 from batchinfer_operator.cli import app
 
 SAMPLES = Path("manifests/samples")
 GPU_CLASS = SAMPLES / "classes" / "gpu-a100.yaml"
 CPU_CLASS = SAMPLES / "classes" / "cpu-default.yaml"
+MINIMAL = {
+    "model": {"packaged": "efficientnet_lite0"},
+    "input": {"uri": "s3://b/in/"},
+    "output": {"uri": "s3://b/out/"},
+}
 runner = CliRunner()
 
 
@@ -294,3 +300,35 @@ def test_the_rendered_gpus_are_the_counted_gpus(cluster: dict, compute: dict, ex
     worker = group["template"]["spec"]["containers"][0]["resources"]["limits"]
     rendered = head.get("nvidia.com/gpu", 0) + worker.get("nvidia.com/gpu", 0) * group["maxReplicas"]
     assert rendered == job_gpus(spec) == expected
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["not a url", "ftp://minio:21", "http://", "http://a b:9000", "http://u:p@minio:9000", "http://m/?x=1"]
+)
+def test_an_endpoint_that_is_not_an_http_url_is_refused_naming_the_field(endpoint: str) -> None:
+    with pytest.raises(SpecError, match=r"storage\.endpointUrl .* is not an endpoint URL; give http://host"):
+        parse_spec({**MINIMAL, "storage": {"endpointUrl": endpoint}})
+
+
+@pytest.mark.parametrize("endpoint", ["http://minio.minio.svc:9000", "https://s3.eu.example.com", "http://[::1]:9000"])
+def test_endpoint_urls_with_host_and_port_are_accepted(endpoint: str) -> None:
+    assert parse_spec({**MINIMAL, "storage": {"endpointUrl": endpoint}}).storage.endpointUrl == endpoint
+
+
+def test_the_class_credentials_go_only_to_the_class_endpoint_or_an_allowed_one() -> None:
+    """gpu-a100 provides Secret s3-credentials; storage is not overridable, but endpointUrl is not defaulted,
+    so a user could once send those credentials to any endpoint (the instance metadata address, their own)."""
+    gpu = load_classes([GPU_CLASS])[0]
+    spec = yaml.safe_load((SAMPLES / "minimal-with-class.yaml").read_text())["spec"]
+    with pytest.raises(ClassRejected) as refused:
+        effective_spec({**spec, "storage": {"endpointUrl": "http://169.254.169.254/"}}, gpu)
+    assert "spec.storage.endpointUrl: 'http://169.254.169.254/' would receive the credentials of Secret " in str(
+        refused.value
+    )
+    assert "spec.limits.allowedEndpoints" in str(refused.value)
+    document = yaml.safe_load(GPU_CLASS.read_text())
+    document["spec"]["limits"]["allowedEndpoints"] = ["http://minio.team-vision.svc:9000"]
+    allowing = parse_class(document)
+    ok = effective_spec({**spec, "storage": {"endpointUrl": "http://minio.team-vision.svc:9000"}}, allowing)
+    assert ok.storage.secretRef is not None and ok.storage.endpointUrl == "http://minio.team-vision.svc:9000"
+    assert effective_spec(spec, gpu).storage.endpointUrl is None  # the class's own (AWS S3): fine

@@ -117,6 +117,13 @@ class ClassLimits(s._Model):
         default=None,
         description="A cluster.image a BatchInference sets must start with one of these (e.g. registry.corp/ml/).",
     )
+    allowedEndpoints: Annotated[list[Annotated[str, Field(max_length=2048)]], Field(max_length=64)] | None = Field(
+        default=None,
+        description=(
+            "Where the class's credentials (defaults.storage.secretRef) may be sent besides the class's own "
+            "storage.endpointUrl: a BatchInference that uses them with any other endpoint is refused."
+        ),
+    )
     overridable: Annotated[list[Annotated[str, Field(max_length=128)]], Field(max_length=64)] = Field(
         default_factory=list,
         description=(
@@ -130,6 +137,11 @@ class ClassLimits(s._Model):
     @classmethod
     def _uris(cls, value: list[str] | None) -> list[str] | None:
         return None if value is None else [s.check_storage_uri(v, "limits prefix") for v in value]
+
+    @field_validator("allowedEndpoints")
+    @classmethod
+    def _endpoints(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [s.check_endpoint_url(v, "limits.allowedEndpoints entry") for v in value]
 
     @field_validator("overridable")
     @classmethod
@@ -328,6 +340,7 @@ def limit_problems(spec: s.BatchInferenceSpec, cls: BatchInferenceClass) -> list
                 f"spec.{field}: {uri!r} is outside what BatchInferenceClass {name!r} allows "
                 f"(spec.limits.{limit}: {', '.join(prefixes) or 'nothing'})"
             )
+    problems += _endpoint_problems(spec, cls)
     image, images = spec.cluster.image, limits.allowedImagePrefixes
     if image is not None and images is not None and not any(image.startswith(p) for p in images):
         problems.append(
@@ -335,6 +348,26 @@ def limit_problems(spec: s.BatchInferenceSpec, cls: BatchInferenceClass) -> list
             f"(spec.limits.allowedImagePrefixes: {', '.join(images) or 'none'})"
         )
     return problems
+
+
+def _endpoint_problems(spec: s.BatchInferenceSpec, cls: BatchInferenceClass) -> list[str]:
+    """The class's credentials go only to the class's endpoint (or one its allowedEndpoints lists): otherwise a
+    user could send them anywhere (http://169.254.169.254/, their own server), overridable or not."""
+    storage = class_defaults(cls).get("storage") or {}
+    credentials = storage.get("secretRef")
+    if credentials is None or spec.storage.secretRef is None or spec.storage.secretRef.name != credentials["name"]:
+        return []
+    endpoint, own = spec.storage.endpointUrl, storage.get("endpointUrl")
+    allowed = [own] if own else []
+    allowed += cls.spec.limits.allowedEndpoints or []
+    if endpoint == own or endpoint in allowed:
+        return []
+    where = ", ".join(allowed) if allowed else "AWS S3 itself (no endpointUrl)"
+    return [
+        f"spec.storage.endpointUrl: {endpoint!r} would receive the credentials of Secret {credentials['name']!r} "
+        f"that BatchInferenceClass {cls.name!r} provides, which go only to {where}; remove "
+        "spec.storage.endpointUrl, or ask the platform team to add it to the class's spec.limits.allowedEndpoints"
+    ]
 
 
 def effective_spec(raw_spec: Mapping[str, Any], cls: BatchInferenceClass | None) -> s.BatchInferenceSpec:

@@ -31,6 +31,9 @@ INT64_MAX = 2**53 - 1  # the largest integer every JSON and YAML reader (Helm in
 _URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _PREDICTOR_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+ENDPOINT_URL = re.compile(
+    r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?)(:[0-9]{1,5})?(/[^\s?#]*)?$"
+)
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 MAX_MAP_ENTRIES = 64
 LabelKey = Annotated[str, Field(min_length=1, max_length=317)]  # prefix (253) + "/" + name (63)
@@ -44,6 +47,16 @@ class _Model(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, strict=True)
+
+
+def check_endpoint_url(value: str, field: str) -> str:
+    """An S3 endpoint: http(s)://host[:port][/path], nothing else (no credentials, query or spaces)."""
+    if not ENDPOINT_URL.match(value):
+        raise ValueError(
+            f"{field} {value!r} is not an endpoint URL; give http://host[:port] or https://host[:port] "
+            "(e.g. http://minio.minio.svc:9000)"
+        )
+    return value
 
 
 def check_storage_uri(value: str, field: str) -> str:
@@ -423,10 +436,19 @@ class StorageSpec(_Model):
     )
     endpointUrl: str | None = Field(
         default=None,
-        description="S3-compatible endpoint (MinIO, Ceph); sets AWS_ENDPOINT_URL.",
+        description=(
+            "S3-compatible endpoint (MinIO, Ceph), http(s)://host[:port]; sets AWS_ENDPOINT_URL. Under a class "
+            "that provides secretRef, only the class's endpoint or one in its limits.allowedEndpoints."
+        ),
         max_length=2048,
+        json_schema_extra={"pattern": ENDPOINT_URL.pattern},
     )
     region: str | None = Field(default=None, description="Object storage region; sets AWS_REGION.", max_length=64)
+
+    @field_validator("endpointUrl")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return None if value is None else check_endpoint_url(value, "storage.endpointUrl")
 
 
 class Resources(_Model):
