@@ -107,3 +107,23 @@ def test_a_state_dict_loads_without_random_init_and_predicts_the_same(architectu
     x = torch.randn(2, 3, 224, 224)
     with torch.inference_mode():
         assert torch.equal(reference(x), loaded(x))
+
+
+def test_a_predictor_module_that_exits_or_fails_on_import_is_named(tmp_path: Path, monkeypatch) -> None:
+    """`venv.__main__:X` passed validate, and importing it ran venv's program (SystemExit): the job failed
+    without naming the predictor."""
+    from batchinfer_job.documents import SpecError, parse_spec
+    from batchinfer_job.predictor import PredictorContractError, load_predictor_class
+
+    base = {"input": {"uri": "in/"}, "output": {"uri": "out/"}}
+    with pytest.raises(SpecError, match=r"model\.predictor 'venv\.__main__:X' names a __main__ module"):
+        parse_spec({**base, "model": {"predictor": "venv.__main__:X"}})
+    (tmp_path / "exits_on_import.py").write_text("raise SystemExit(2)\n")
+    (tmp_path / "breaks_on_import.py").write_text("1 / 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(
+        PredictorContractError, match=r"'exits_on_import:P': importing exits_on_import raised SystemExit"
+    ):
+        load_predictor_class("exits_on_import:P")
+    with pytest.raises(PredictorContractError, match=r"'breaks_on_import:P': .* raised ZeroDivisionError"):
+        load_predictor_class("breaks_on_import:P")

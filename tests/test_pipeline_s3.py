@@ -9,7 +9,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from batchinfer_job.commit import SUCCESS_FILE, read_dead_letters
+from batchinfer_job import storage
+from batchinfer_job.commit import SUCCESS_FILE, OutputExistsError, OutputStore, read_dead_letters
 from batchinfer_job.local import run_local
 from tests.conftest import BROKEN
 from tests.helpers import make_spec
@@ -52,3 +53,17 @@ def test_s3_to_s3_round_trip(s3, bucket: str, photo_dir: Path) -> None:
     dead = read_dead_letters(f"s3://{bucket}/outputs").to_pylist()
     assert sorted(d["key"].rsplit("/", 1)[-1] for d in dead) == sorted(BROKEN)
     assert {d["stage"] for d in dead} == {"decode"}
+
+
+@pytest.mark.parametrize("mode", ["error_if_exists", "overwrite"])
+def test_an_s3_console_folder_marker_is_not_data(s3, bucket: str, mode: str) -> None:
+    """The S3 console's "Create folder" leaves a zero-byte `preds/` object (and `preds/sub/` inside): an
+    empty output, not foreign files (both modes once refused it, listing "()")."""
+    s3.put_object(Bucket=bucket, Key="preds/", Body=b"")
+    s3.put_object(Bucket=bucket, Key="preds/sub/", Body=b"")
+    store = OutputStore(storage.resolve(f"s3://{bucket}/preds/"))
+    assert store.prepare(mode, "f" * 16) == []
+    assert storage.files_under(store.location) == ["_job.json"]
+    s3.put_object(Bucket=bucket, Key="preds/notes.txt", Body=b"mine")  # a real foreign file still refuses
+    with pytest.raises(OutputExistsError, match=r"holds files batchinfer did not write \(notes\.txt\)"):
+        OutputStore(storage.resolve(f"s3://{bucket}/preds/")).prepare(mode, "e" * 16)

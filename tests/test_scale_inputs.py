@@ -14,7 +14,7 @@ from PIL import Image
 from batchinfer_job import inputs
 from batchinfer_job.commit import CoverageError, OutputStore, read_committed, read_dead_letters
 from batchinfer_job.digest import key_digest
-from batchinfer_job.inputs import Partition, plan_inputs
+from batchinfer_job.inputs import InputError, Partition, plan_inputs
 from batchinfer_job.local import run_local
 from batchinfer_job.outputs import PARTITION_COLUMN, prediction_table
 from batchinfer_job.pipeline import Ledger
@@ -22,6 +22,7 @@ from batchinfer_job.progress import ProgressReport
 from batchinfer_job.reading import manifest_lines
 from batchinfer_job.spec import InputSpec
 from batchinfer_job.storage import resolve
+from batchinfer_job.summary import output_summary_lines
 from tests.helpers import make_spec
 
 FAST = "batchinfer_job.examples:DominantChannelPredictor"
@@ -212,3 +213,33 @@ def test_duplicate_keys_in_a_parquet_file_fail_the_job_naming_the_file_and_the_f
         inputs.InputError, match=r"rows\.parquet: 1 duplicate input keys; give input\.keyColumn a unique"
     ):
         run_local(spec, on_progress=None)
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_a_huge_manifest_line_is_cut_in_what_run_prints_and_a_repeated_line_is_explained(tmp_path: Path) -> None:
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    huge = "missing/" + "x" * 200_000 + ".png"
+    (manifests / "a.txt").write_text(huge + "\n")
+    spec = make_spec(
+        str(manifests),
+        str(tmp_path / "out"),
+        model={"predictor": FAST},
+        input={"uri": str(manifests), "format": "manifest"},
+        errorPolicy={"maxFailedPercent": 100},
+    )
+    run_local(spec, on_progress=None)
+    lines = output_summary_lines(str(tmp_path / "out"))
+    assert any("(200,012 characters)" in line for line in lines), lines
+    assert max(len(line) for line in lines) < 400
+    (manifests / "a.txt").write_text("a.png\nb.png\na.png\n")
+    repeated = make_spec(
+        str(manifests),
+        str(tmp_path / "out2"),
+        model={"predictor": FAST},
+        input={"uri": str(manifests), "format": "manifest"},
+    )
+    with pytest.raises(InputError) as refused:
+        run_local(repeated, on_progress=None)
+    assert "1 duplicate input keys; list each input once (a manifest row's key is its URI" in str(refused.value)
+    assert "keyColumn" not in str(refused.value)

@@ -99,8 +99,19 @@ def load_predictor_class(ref: str) -> type:
     """The class `module:Class` names; PredictorContractError when it is not importable or not a class."""
     module_name, class_name = ref.split(":")
     try:
-        target = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise PredictorContractError(
+            f"model.predictor {ref!r} cannot be imported: {type(err).__name__}: {err}; install its package in "
+            "the job image (or put it on PYTHONPATH locally)"
+        ) from None
+    except (Exception, SystemExit) as err:  # user code at import time: its failure, named once, never an exit
+        raise PredictorContractError(
+            f"model.predictor {ref!r}: importing {module_name} raised {type(err).__name__}: {err}"
+        ) from None
+    try:
+        target = getattr(module, class_name)
+    except AttributeError as err:
         raise PredictorContractError(
             f"model.predictor {ref!r} cannot be imported: {type(err).__name__}: {err}; install its package in "
             "the job image (or put it on PYTHONPATH locally)"

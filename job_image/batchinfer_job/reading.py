@@ -170,6 +170,15 @@ def count_rows(partition: Partition, spec: InputSpec) -> Iterator[int]:
         yield table.num_rows
 
 
+def _unique_keys_advice(partition: Partition) -> str:
+    checked = "keys must be unique; they are checked within each partition"
+    if partition.kind == "manifest":
+        return f"list each input once (a manifest row's key is its URI; {checked}: a byte range of one manifest)"
+    if partition.kind == "parquet":
+        return f"give input.keyColumn a unique column ({checked}: one Parquet file)"
+    return f"{checked} (one folder)"
+
+
 def read_partition(partition: Partition, spec: InputSpec, done: set[str], found: PartitionRead) -> Iterator[pa.Table]:
     """Rows of a partition not in `done` (its keys committed by earlier attempts), with a `partition` column.
 
@@ -183,8 +192,7 @@ def read_partition(partition: Partition, spec: InputSpec, done: set[str], found:
         found.digest = add_digests(found.digest, key_digest(keys))
         if len(seen) != found.rows:
             raise InputError(
-                f"{partition.id}: {found.rows - len(seen)} duplicate input keys; give input.keyColumn a unique "
-                "column (keys must be unique; they are checked within each partition: one file or folder)"
+                f"{partition.id}: {found.rows - len(seen)} duplicate input keys; {_unique_keys_advice(partition)}"
             )
         if done:
             table = table.filter(pa.array([k not in done for k in keys]))

@@ -183,6 +183,7 @@ class ModelSpec(_Model):
             "'top_k_classes' and 'top_k_scores' (N x k) and optionally 'categories' (class names)."
         ),
         max_length=256,
+        json_schema_extra={"pattern": _PREDICTOR_REF.pattern},
     )
 
     @field_validator("weightsUri")
@@ -195,6 +196,11 @@ class ModelSpec(_Model):
     def _predictor_ref(cls, value: str | None) -> str | None:
         if value is not None and not _PREDICTOR_REF.match(value):
             raise ValueError(f"model.predictor {value!r} must look like 'package.module:ClassName'")
+        if value is not None and "__main__" in value.split(":")[0].split("."):
+            raise ValueError(
+                f"model.predictor {value!r} names a __main__ module, which runs a program when imported; give the "
+                "module that defines the class"
+            )
         return value
 
     @model_validator(mode="after")

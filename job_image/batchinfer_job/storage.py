@@ -180,19 +180,23 @@ OUTPUT_RECORD_FOLDERS = ("_shards", "_errors")  # what batchinfer writes beside 
 IN_FLIGHT = ".tmp-"  # marks a local file that `write_json` has not yet renamed into place
 
 
+def _files(location: Location) -> list[str]:
+    """Every file under the location (full paths), leaving out folder markers: the zero-byte `name/` objects
+    the S3 console and some tools create for a "folder" hold no data."""
+    if not location.fs.exists(location.path):
+        return []
+    return [p for p in location.fs.find(location.path, withdirs=False) if not p.endswith("/")]
+
+
 def has_data(location: Location) -> bool:
     """True when anything exists under the location, other than files another writer has in flight."""
-    if not location.fs.exists(location.path):
-        return False
-    return any(IN_FLIGHT not in path.rsplit("/", 1)[-1] for path in location.fs.find(location.path, withdirs=False))
+    return any(IN_FLIGHT not in path.rsplit("/", 1)[-1] for path in _files(location))
 
 
 def files_under(location: Location) -> list[str]:
     """Every file under the location, as paths relative to it, sorted."""
-    if not location.fs.exists(location.path):
-        return []
     base = location.path.rstrip("/") + "/"
-    return sorted(p[len(base) :] for p in location.fs.find(location.path, withdirs=False) if p.startswith(base))
+    return sorted(p[len(base) :] for p in _files(location) if p.startswith(base))
 
 
 def remove_files(location: Location, relative: list[str]) -> None:

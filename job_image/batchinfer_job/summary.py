@@ -37,5 +37,14 @@ def output_summary_lines(output_uri: str, max_errors: int = 5) -> list[str]:
             lines.append(f"  {group:24s} {label:28s} {count}/{sum(counts.values())}")
     if errors:
         lines.append(f"error rows ({len(errors)}):")
-        lines += [f"  {key}: {error[:120]}" for key, error in errors[:max_errors]]
+        lines += [f"  {cut(key)}: {cut(error, 120)}" for key, error in errors[:max_errors]]
     return lines
+
+
+def cut(text: str, limit: int = 160) -> str:
+    """`text`, or its start and end around a note of its length when it is longer than `limit` (a manifest
+    line of 100 MB is a key too)."""
+    if len(text) <= limit:
+        return text
+    keep = max(limit - 30, 20)
+    return f"{text[: keep * 2 // 3]}…{text[-(keep // 3) :]} ({len(text):,} characters)"
