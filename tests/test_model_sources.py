@@ -127,3 +127,38 @@ def test_a_predictor_module_that_exits_or_fails_on_import_is_named(tmp_path: Pat
         load_predictor_class("exits_on_import:P")
     with pytest.raises(PredictorContractError, match=r"'breaks_on_import:P': .* raised ZeroDivisionError"):
         load_predictor_class("breaks_on_import:P")
+
+
+def test_weights_for_another_architecture_fail_the_job_in_one_line_naming_the_fields(tmp_path: Path) -> None:
+    """The ModelLoadError raised in the model actor once reached the job inside a 300-600-line ActorDiedError."""
+    from batchinfer_job.pipeline import ModelActorStartError
+
+    torch.save(tvm.resnet18(weights=None).state_dict(), tmp_path / "r18.pt")
+    (tmp_path / "in").mkdir()
+    solid((255, 0, 0), tmp_path / "in" / "red.png")
+    spec = make_spec(
+        str(tmp_path / "in"),
+        str(tmp_path / "out"),
+        model={"weightsUri": str(tmp_path / "r18.pt"), "architecture": "resnet50"},
+    )
+    with pytest.raises(ModelActorStartError) as failed:
+        run_local(spec, on_progress=None)
+    message = str(failed.value)
+    assert "\n" not in message and len(message) < 1100
+    assert message.startswith(
+        "a model actor failed to start: ModelLoadError: model.weightsUri does not fit model.architecture 'resnet50'"
+    )
+
+
+def test_an_image_column_of_strings_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    from batchinfer_job.inputs import InputError, plan_inputs
+
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"img": ["not bytes"], "n": [1]}), tmp_path / "in" / "t.parquet")
+    folder = str(tmp_path / "in")
+    spec = make_spec(folder, str(tmp_path / "out"), input={"uri": folder, "format": "parquet", "imageColumn": "img"})
+    with pytest.raises(InputError, match=r"input\.imageColumn 'img' in .*t\.parquet is of type string; it must hold"):
+        plan_inputs(spec.input)
+    paths = make_spec(folder, str(tmp_path / "out"), input={"uri": folder, "format": "parquet", "pathColumn": "n"})
+    with pytest.raises(InputError, match=r"input\.pathColumn 'n' .* is of type int64; it must hold paths"):
+        plan_inputs(paths.input)

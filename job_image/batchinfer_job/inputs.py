@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchinfer_job import storage
@@ -87,7 +88,7 @@ def _parquet_plan(spec: InputSpec) -> InputPlan:
     if not listing.paths:
         raise InputError(f"input.uri {spec.uri!r} holds no .parquet files; check input.format")
     first = listing.paths[0]  # the common mistake fails before anything runs; read tasks check their own file
-    check_parquet_columns(spec, location.uri_of(first), pq.read_schema(first, filesystem=location.arrow_fs).names)
+    check_parquet_columns(spec, location.uri_of(first), pq.read_schema(first, filesystem=location.arrow_fs))
     partitions = [Partition(location.uri_of(p), "parquet", location.uri_of(p)) for p in listing.paths]
     return InputPlan(partitions, listing.skipped)
 
@@ -96,13 +97,27 @@ def wanted_columns(spec: InputSpec) -> list[str]:
     return [c for c in (spec.keyColumn, spec.imageColumn, spec.pathColumn) if c]
 
 
-def check_parquet_columns(spec: InputSpec, uri: str, names: list[str]) -> None:
-    """InputError unless a Parquet file (`uri`, its column `names`) has every column input.* names."""
+def check_parquet_columns(spec: InputSpec, uri: str, schema: pa.Schema) -> None:
+    """InputError unless a Parquet file (`uri`, its `schema`) has every column input.* names, of a type that
+    fits: image bytes binary, paths strings."""
+    names = schema.names
     missing = [c for c in wanted_columns(spec) if c not in names]
     if missing:
         raise InputError(
             f"input columns {missing} not in {uri} (has {names}); fix input.imageColumn/pathColumn/keyColumn"
         )
+    kinds = [
+        (spec.imageColumn, (pa.types.is_binary, pa.types.is_large_binary), "encoded image bytes (binary)",
+         "; for paths to images use input.pathColumn"),
+        (spec.pathColumn, (pa.types.is_string, pa.types.is_large_string), "paths (strings)",
+         "; for image bytes use input.imageColumn"),
+    ]  # fmt: skip
+    for column, fits, holds, hint in kinds:
+        if column and not any(fit(schema.field(column).type) for fit in fits):
+            field = "input.imageColumn" if column == spec.imageColumn else "input.pathColumn"
+            raise InputError(
+                f"{field} {column!r} in {uri} is of type {schema.field(column).type}; it must hold {holds}{hint}"
+            )
 
 
 def _manifest_plan(spec: InputSpec) -> InputPlan:

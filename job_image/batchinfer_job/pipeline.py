@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import re
 import threading
 import time
 import uuid
@@ -75,8 +76,16 @@ def actor_start_failure(err: BaseException) -> ModelActorStartError | None:
     if not (isinstance(err, ray.exceptions.RayActorError) and err.actor_init_failed):
         return None
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    name, _, message = (lines[-1] if lines else "").partition(": ")
+    starts = [i for i, line in enumerate(lines) if _ERROR_LINE.match(line)] or [len(lines) - 1]
+    name, _, message = " ".join(lines[starts[-1] :]).partition(": ")  # its message may span lines
+    if len(message) > ACTOR_ERROR_CHARS:
+        message = message[:ACTOR_ERROR_CHARS] + " …"
     return ModelActorStartError(f"a model actor failed to start: {name.rsplit('.', 1)[-1]}: {message}")
+
+
+# Where a Python error starts in a traceback: `package.module.SomeError: …` or a builtin `ValueError: …`.
+_ERROR_LINE = re.compile(r"^((?:[A-Za-z_]\w*\.)+[A-Z]\w*|[A-Z]\w*(?:Error|Exception|Exit|Interrupt)): ")
+ACTOR_ERROR_CHARS = 1000
 
 
 class AllRowsFailedError(RuntimeError):

@@ -61,7 +61,7 @@ def _parquet_tables(partition: Partition, spec: InputSpec) -> Iterator[pa.Table]
     location = storage.resolve(partition.uri)
     with location.fs.open(location.path, "rb") as handle:
         parquet = pq.ParquetFile(handle)
-        check_parquet_columns(spec, partition.uri, parquet.schema_arrow.names)
+        check_parquet_columns(spec, partition.uri, parquet.schema_arrow)
         offset = 0
         for batch in parquet.iter_batches(batch_size=READ_ROWS, columns=wanted_columns(spec)):
             if spec.keyColumn:
