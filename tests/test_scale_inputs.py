@@ -4,6 +4,7 @@ manifest input, progress before the total is known."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -243,3 +244,48 @@ def test_a_huge_manifest_line_is_cut_in_what_run_prints_and_a_repeated_line_is_e
         run_local(repeated, on_progress=None)
     assert "1 duplicate input keys; list each input once (a manifest row's key is its URI" in str(refused.value)
     assert "keyColumn" not in str(refused.value)
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_rows_that_cannot_be_read_are_error_rows_and_the_job_goes_on(tmp_path: Path) -> None:
+    """A back end that is not installed (gs://, az://), a file name that is not UTF-8, a null key or path
+    in Parquet: each was a traceback that failed the whole job and committed nothing."""
+    photos = write_photos(tmp_path / "photos", ["red_0.png", "green_0.png"])
+    bad_name = os.fsencode(tmp_path / "photos") + b"/caf\xe9.png"
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(open(bad_name, "wb"), format="PNG")  # noqa: SIM115
+    folder = run_local(
+        make_spec(str(tmp_path / "photos"), str(tmp_path / "out1"), model={"predictor": FAST}), on_progress=None
+    )
+    assert (folder.total, folder.failed) == (3, 1)
+    (dead,) = read_dead_letters(str(tmp_path / "out1")).to_pylist()
+    assert dead["key"].endswith("/caf\\xe9.png") and "not valid UTF-8; rename the file" in dead["message"]
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "list.txt").write_text(f"{photos[0]}\ngs://bucket/x.png\naz://container/y.png\n")
+    manifest = make_spec(
+        str(tmp_path / "m"),
+        str(tmp_path / "out2"),
+        model={"predictor": FAST},
+        input={"uri": str(tmp_path / "m"), "format": "manifest"},
+        errorPolicy={"maxFailedPercent": 70},
+    )
+    result = run_local(manifest, on_progress=None)
+    assert (result.total, result.failed) == (3, 2)
+    errors = {d["key"]: d["message"] for d in read_dead_letters(str(tmp_path / "out2")).to_pylist()}
+    assert "Please install gcsfs" in errors["gs://bucket/x.png"]
+
+    (tmp_path / "pq").mkdir()
+    rows = pa.table({"id": ["a", None, "c"], "path": [str(photos[0]), str(photos[1]), None]})
+    pq.write_table(rows, tmp_path / "pq" / "rows.parquet")
+    parquet = make_spec(
+        str(tmp_path / "pq"),
+        str(tmp_path / "out3"),
+        model={"predictor": FAST},
+        input={"uri": str(tmp_path / "pq"), "format": "parquet", "pathColumn": "path", "keyColumn": "id"},
+        errorPolicy={"maxFailedPercent": 70},
+    )
+    result = run_local(parquet, on_progress=None)
+    assert (result.total, result.failed) == (3, 2)
+    errors = {d["key"]: d["message"] for d in read_dead_letters(str(tmp_path / "out3")).to_pylist()}
+    assert errors[f"{tmp_path / 'pq' / 'rows.parquet'}#1"] == "input.keyColumn 'id' is null in this row"
+    assert errors["c"].endswith("empty path")

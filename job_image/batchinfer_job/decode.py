@@ -170,7 +170,7 @@ def _readable(batch: dict[str, np.ndarray], errors: list[str], max_bytes: int | 
             continue
         try:
             data = read_bytes(batch, i, max_bytes)
-        except OSError as err:
+        except storage.READ_ERRORS as err:  # this row's input alone: an error row, the job goes on
             errors[i] = "read: empty image column" if isinstance(err, EmptyImageError) else _error("read", err)
             continue
         yield i, data

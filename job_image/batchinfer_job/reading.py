@@ -53,8 +53,34 @@ def _image_tables(partition: Partition, found: PartitionRead) -> Iterator[pa.Tab
         found.skipped = listing.skipped
         uris = [location.uri_of(p) for p in listing.paths]
     for i in range(0, len(uris), READ_ROWS):
-        chunk = uris[i : i + READ_ROWS]
-        yield _table(chunk, pa.array(chunk, pa.string()), "uri")
+        named = [_utf8_name(uri) for uri in uris[i : i + READ_ROWS]]
+        keys, errors = [key for key, _ in named], [error for _, error in named]
+        readable = [None if error else key for key, error in named]
+        yield _table(keys, pa.array(readable, pa.string()), "uri", errors)
+
+
+def _utf8_name(uri: str) -> tuple[str, str | None]:
+    """(key, error) for a listed file: a name that is not UTF-8 (held as surrogates, e.g. `caf\\xe9.jpg`) is an
+    error row under a readable key rather than a failed partition."""
+    try:
+        uri.encode("utf-8")
+        return uri, None
+    except UnicodeEncodeError:
+        shown = uri.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return shown, "read: the file name is not valid UTF-8; rename the file (UTF-8) to predict it"
+
+
+def _parquet_keys(batch: pa.RecordBatch, spec: InputSpec, uri: str, offset: int) -> tuple[list[str], list[str | None]]:
+    """Each row's key and, for a row whose key or path column is null, its error (the key is then `file#row`)."""
+    by_row = [f"{uri}#{offset + i}" for i in range(batch.num_rows)]
+    column = spec.keyColumn or spec.pathColumn
+    if column is None:
+        return by_row, [None] * batch.num_rows
+    field = "input.keyColumn" if spec.keyColumn else "input.pathColumn"
+    values = pc.cast(batch.column(column), pa.string()).to_pylist()
+    keys = [value if value is not None else by_row[i] for i, value in enumerate(values)]
+    errors = [None if value is not None else f"read: {field} {column!r} is null in this row" for value in values]
+    return keys, errors
 
 
 def _parquet_tables(partition: Partition, spec: InputSpec) -> Iterator[pa.Table]:
@@ -64,19 +90,15 @@ def _parquet_tables(partition: Partition, spec: InputSpec) -> Iterator[pa.Table]
         check_parquet_columns(spec, partition.uri, parquet.schema_arrow)
         offset = 0
         for batch in parquet.iter_batches(batch_size=READ_ROWS, columns=wanted_columns(spec)):
-            if spec.keyColumn:
-                keys = pc.cast(batch.column(spec.keyColumn), pa.string())
-            elif spec.pathColumn:
-                keys = pc.cast(batch.column(spec.pathColumn), pa.string())
-            else:
-                keys = pa.array([f"{partition.uri}#{offset + i}" for i in range(batch.num_rows)], pa.string())
+            keys, key_errors = _parquet_keys(batch, spec, partition.uri, offset)
             offset += batch.num_rows
             if spec.imageColumn:
-                yield pa.table({"key": keys, "bytes": batch.column(spec.imageColumn)})
+                yield _table(keys, batch.column(spec.imageColumn), "bytes", key_errors)
                 continue
             resolved = [listed_uri(partition.uri, p) for p in pc.cast(batch.column(spec.pathColumn), pa.string())]
-            uris, errors = zip(*resolved, strict=True) if resolved else ((), ())
-            yield _table(keys.to_pylist(), pa.array(uris, pa.string()), "uri", list(errors))
+            uris = [uri for uri, _ in resolved]
+            errors = [key_error or error for key_error, (_, error) in zip(key_errors, resolved, strict=True)]
+            yield _table(keys, pa.array(uris, pa.string()), "uri", errors)
 
 
 def manifest_lines(partition: Partition) -> Iterator[str]:

@@ -33,6 +33,20 @@ class NotRegularFileError(OSError):
     """A local input is a FIFO, socket or device: never opened."""
 
 
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What reading one input can raise that concerns that input alone: I/O and permissions, a bad name, no
+    back end for its scheme, the object store's refusals (credentials, access) as botocore raises them."""
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, StorageError)
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # no S3 back end installed: nothing of it can be raised
+        return errors
+    return (*errors, BotoCoreError, ClientError)
+
+
+READ_ERRORS = _read_errors()
+
+
 @dataclass(frozen=True)
 class Location:
     """A resolved storage location: filesystem, path inside it, and the URI form users see."""
