@@ -122,3 +122,43 @@ def test_two_batchinferences_with_one_name_in_a_file_are_refused(tmp_path: Path)
     other["metadata"] = {**one["metadata"], "namespace": "elsewhere"}  # same name, another namespace: fine
     path.write_text(yaml.safe_dump_all([one, other]))
     assert runner.invoke(app, ["validate", str(path)]).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "expect"),
+    [
+        ("scheduling", {"nodeSelector": {"bad key!": "x"}}, "'bad key!' is not a Kubernetes label key"),
+        ("scheduling", {"nodeSelector": {"pool": "not valid!"}}, "'not valid!' is not a Kubernetes label value"),
+        ("scheduling", {"head": {"nodeSelector": {"-x": "y"}}}, "'-x' is not a Kubernetes label key"),
+        ("cluster", {"serviceAccountName": "default"}, "cluster.serviceAccountName 'default' is the account of every"),
+        ("cluster", {"image": "Registry/ml job"}, "is not an image reference"),
+        ("storage", {"secretRef": {"name": "Not_A_Valid_Name"}}, "is not a Kubernetes object name"),
+    ],
+)
+def test_validate_holds_names_to_the_kubernetes_grammar(tmp_path: Path, section: str, value: dict, expect: str) -> None:
+    body = document({"model": {"packaged": "efficientnet_lite0"}, "input": {"uri": "in/"}, "output": {"uri": "out/"}})
+    body["spec"][section] = value
+    result = runner.invoke(app, ["validate", str(write(tmp_path, "bad.yaml", body))])
+    assert result.exit_code == 1 and expect in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_render_refuses_a_namespace_kubernetes_would_refuse() -> None:
+    result = runner.invoke(app, ["render", "manifests/samples/quickstart.yaml", "--namespace", "Bad Namespace!"])
+    assert result.exit_code == 1
+    assert "--namespace 'Bad Namespace!' is not a Kubernetes namespace name" in result.output
+
+
+def test_valid_names_pass() -> None:
+    from batchinfer_job.spec import IMAGE_REFERENCE, LABEL_KEY
+
+    for image in (
+        "rayproject/ray:2.60.0-py311-cpu",
+        "registry.example.com:5000/ml/batchinfer-job:0.1.0",
+        "Registry.Example.com/ml/job@sha256:" + "a" * 64,
+        "localhost/x",
+        "batchinfer.local/batchinfer-operator:dev",
+    ):
+        assert IMAGE_REFERENCE.match(image), image
+    for key in ("nvidia.com/gpu.present", "kubernetes.io/hostname", "pool", "a.b-c_d"):
+        assert LABEL_KEY.match(key), key

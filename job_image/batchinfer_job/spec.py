@@ -11,7 +11,7 @@ import posixpath
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from batchinfer_job import torchvision_catalog
 
@@ -32,12 +32,43 @@ _URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _PREDICTOR_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 ENDPOINT_URL = re.compile(
-    r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?)(:[0-9]{1,5})?(/[^\s?#]*)?$"
+    r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?)(:[0-9]{1,5})?(/[A-Za-z0-9._~%-]*)*$"
 )
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 MAX_MAP_ENTRIES = 64
-LabelKey = Annotated[str, Field(min_length=1, max_length=317)]  # prefix (253) + "/" + name (63)
-LabelValue = Annotated[str, Field(max_length=63)]
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_KEY = re.compile(rf"^({_DNS_SUBDOMAIN.pattern[1:-1]}/)?{_LABEL_NAME}$")
+LABEL_VALUE = re.compile(rf"^({_LABEL_NAME})?$")
+# The image reference grammar containerd and the kubelet parse (distribution/reference): an optional registry
+# (host[:port]), lowercase path components, an optional tag and an optional digest.
+_DOMAIN_PART = r"([A-Za-z0-9]|[A-Za-z0-9][-A-Za-z0-9]*[A-Za-z0-9])"
+_PATH_PART = r"[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*"
+IMAGE_REFERENCE = re.compile(
+    rf"^({_DOMAIN_PART}(\.{_DOMAIN_PART})*(:[0-9]+)?/)?{_PATH_PART}(/{_PATH_PART})*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
+)
+
+
+def _label_key(value: str) -> str:
+    if len(value) > 317 or not LABEL_KEY.match(value):
+        raise ValueError(
+            f"{value!r} is not a Kubernetes label key: [prefix/]name, the name up to 63 of [A-Za-z0-9-_.] starting "
+            "and ending alphanumeric, the prefix a DNS subdomain (e.g. nvidia.com/gpu.present)"
+        )
+    return value
+
+
+def _label_value(value: str) -> str:
+    if not LABEL_VALUE.match(value):
+        raise ValueError(
+            f"{value!r} is not a Kubernetes label value: up to 63 of [A-Za-z0-9-_.], starting and ending "
+            "alphanumeric (or empty)"
+        )
+    return value
+
+
+LabelKey = Annotated[str, Field(min_length=1, max_length=317), AfterValidator(_label_key)]
+LabelValue = Annotated[str, Field(max_length=63), AfterValidator(_label_value)]
 
 
 class _Model(BaseModel):
@@ -47,6 +78,11 @@ class _Model(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, strict=True)
+
+
+def is_dns_label(value: str) -> bool:
+    """A Kubernetes DNS label (a namespace name): at most 63 of [a-z0-9-], alphanumeric at both ends."""
+    return len(value) <= 63 and bool(_DNS_LABEL.match(value))
 
 
 def check_endpoint_url(value: str, field: str) -> str:
@@ -429,7 +465,22 @@ class TimeoutsSpec(_Model):
 
 
 class SecretRef(_Model):
-    name: str = Field(description="Secret in the BatchInference's namespace.", min_length=1, max_length=253)
+    name: str = Field(
+        description="Secret in the BatchInference's namespace.",
+        min_length=1,
+        max_length=253,
+        json_schema_extra={"pattern": _DNS_SUBDOMAIN.pattern},
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _DNS_SUBDOMAIN.match(value):
+            raise ValueError(
+                f"Secret name {value!r} is not a Kubernetes object name: lowercase letters, digits, '-' and '.', "
+                "starting and ending alphanumeric"
+            )
+        return value
 
 
 class StorageSpec(_Model):
@@ -493,7 +544,10 @@ class WorkersSpec(_Model):
 
 class ClusterSpec(_Model):
     image: str | None = Field(
-        default=None, description="Job image for head and workers (default: the operator's).", max_length=512
+        default=None,
+        description="Job image for head and workers (default: the operator's).",
+        max_length=512,
+        json_schema_extra={"pattern": IMAGE_REFERENCE.pattern},
     )
     rayVersion: str | None = Field(
         default=None, description="Ray version of the image (default: the operator's).", max_length=32
@@ -515,6 +569,27 @@ class ClusterSpec(_Model):
         max_length=50,
         pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$",
     )
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str | None) -> str | None:
+        if value is not None and not IMAGE_REFERENCE.match(value):
+            raise ValueError(
+                f"cluster.image {value!r} is not an image reference: [registry[:port]/]lowercase/path[:tag]"
+                "[@sha256:digest], no spaces (e.g. registry.example.com/ml/batchinfer-job:0.1.0)"
+            )
+        return value
+
+    @field_validator("serviceAccountName")
+    @classmethod
+    def _not_the_shared_account(cls, value: str | None) -> str | None:
+        if value == "default":
+            raise ValueError(
+                "cluster.serviceAccountName 'default' is the account of every pod in the namespace: the job's "
+                "status Role would be bound to it, letting any of them patch this BatchInference; name a "
+                "ServiceAccount of the job's own, or leave it unset (the operator makes one)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _replicas_need_autoscaling(self) -> ClusterSpec:

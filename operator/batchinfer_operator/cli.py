@@ -103,9 +103,12 @@ def render(
     class_files: list[Path] | None = CLASS_OPTION,
 ) -> None:
     """Print exactly what the operator would create (multi-document YAML; it adds ownerReferences)."""
+    from batchinfer_job.spec import is_dns_label
     from batchinfer_operator.render import Owner, render_children
     from batchinfer_operator.settings import OperatorSettings
 
+    if not is_dns_label(namespace):
+        _fail([f"--namespace {namespace!r} is not a Kubernetes namespace name: lowercase letters, digits and '-'"])
     settings = OperatorSettings.from_env()
     classes = _classes(class_files)
     out: list[dict] = []
