@@ -488,3 +488,48 @@ def test_metadata_is_bounded_like_kubernetes(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(doc))
     result = runner.invoke(app, ["validate", str(path)])
     assert_refused(result, "metadata.name: String should have at most 63 characters", "metadata.namespace")
+
+
+def test_symlinked_image_files_are_read_and_other_links_skipped_for_what_they_are(tmp_path: Path) -> None:
+    """A symlink to an image was passed over as 'FIFO, socket or device' (and its row silently missing)."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "elsewhere" / "red.png")
+    os.symlink(tmp_path / "elsewhere" / "red.png", tmp_path / "in" / "red.png")
+    os.symlink(tmp_path / "missing.png", tmp_path / "in" / "gone.png")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "in" / "folder.png")
+    os.mkfifo(tmp_path / "in" / "pipe.png")
+    listing = storage.list_inputs(storage.resolve(str(tmp_path / "in")), storage.IMAGE_SUFFIXES)
+    assert listing.paths == [str(tmp_path / "in" / "red.png")]
+    assert listing.skipped == {
+        storage.SKIP_BROKEN_LINK: 1,
+        storage.SKIP_LINKED_FOLDER: 1,
+        storage.SKIP_NOT_REGULAR: 1,
+    }
+    assert storage.read_uri(str(tmp_path / "in" / "red.png")) == (tmp_path / "elsewhere" / "red.png").read_bytes()
+
+
+def test_a_symlink_under_an_allowed_local_prefix_cannot_lead_out_of_it(tmp_path: Path) -> None:
+    """input.uri or output.uri through a symlink in team-a's folder into team-b's: refused by the class, as
+    the lexical check alone let it read team-b's files and overwrite team-b's predictions."""
+    from batchinfer_job.classes import ClassRejected, effective_spec, parse_class
+
+    for folder in ("team-a/in", "team-b/data", "team-b/preds"):
+        (tmp_path / folder).mkdir(parents=True)
+    os.symlink(tmp_path / "team-b" / "data", tmp_path / "team-a" / "in" / "shared")
+    os.symlink(tmp_path / "team-b" / "preds", tmp_path / "team-a" / "out")
+    os.symlink(tmp_path / "team-a" / "in", tmp_path / "team-a" / "alias")  # stays inside: fine
+    team_a = str(tmp_path / "team-a")
+    cls = parse_class(
+        {
+            "apiVersion": "batchinfer.dev/v1alpha1",
+            "kind": "BatchInferenceClass",
+            "metadata": {"name": "team-a"},
+            "spec": {"limits": {"allowedInputPrefixes": [team_a], "allowedOutputPrefixes": [team_a]}},
+        }
+    )
+    with pytest.raises(ClassRejected) as refused:
+        effective_spec(spec_body(f"{team_a}/in/shared", f"{team_a}/out"), cls)
+    assert "spec.input.uri" in str(refused.value) and "spec.output.uri" in str(refused.value)
+    ok = effective_spec(spec_body(f"{team_a}/alias", f"{team_a}/preds-a"), cls)
+    assert ok.input.uri == f"{team_a}/alias"

@@ -104,6 +104,8 @@ class Listing:
 
 
 SKIP_HIDDEN = "hidden (a name starts with '.')"
+SKIP_BROKEN_LINK = "broken symlink"
+SKIP_LINKED_FOLDER = "symlink to a folder (not followed)"
 SKIP_NOT_REGULAR = "not a regular file (FIFO, socket or device)"
 SKIP_SUFFIX = "not an image suffix (" + " ".join(IMAGE_SUFFIXES) + ")"
 SKIP_OUTPUT_RECORDS = "batchinfer's own records (_shards/, _errors/)"
@@ -140,13 +142,29 @@ def list_inputs(location: Location, suffixes: tuple[str, ...], *, top_level: boo
 def _skip_reason(relative: str, info: dict[str, Any], suffixes: tuple[str, ...], top_level: bool) -> str | None:
     if any(part.startswith(".") for part in relative.split("/")):
         return SKIP_HIDDEN
-    if info.get("type") != "file":
+    if info.get("islink") and info.get("type") != "file":
+        reason = _link_skip_reason(info["name"])
+        if reason:
+            return reason
+    elif info.get("type") != "file":
         return SKIP_NOT_REGULAR
     if top_level and "/" in relative and relative.split("/", 1)[0] in OUTPUT_RECORD_FOLDERS:
         return SKIP_OUTPUT_RECORDS
     if not relative.lower().endswith(suffixes):
         return SKIP_SUFFIX if suffixes == IMAGE_SUFFIXES else f"not {' '.join(suffixes)}"
     return None
+
+
+def _link_skip_reason(path: str) -> str | None:
+    """A local symlink (fsspec lists it as type 'other'): None when its target is a regular file (read like
+    one), else why it is passed over."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return SKIP_BROKEN_LINK
+    if stat.S_ISREG(mode):
+        return None
+    return SKIP_LINKED_FOLDER if stat.S_ISDIR(mode) else SKIP_NOT_REGULAR
 
 
 @dataclass
