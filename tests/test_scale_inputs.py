@@ -289,3 +289,50 @@ def test_rows_that_cannot_be_read_are_error_rows_and_the_job_goes_on(tmp_path: P
     errors = {d["key"]: d["message"] for d in read_dead_letters(str(tmp_path / "out3")).to_pylist()}
     assert errors[f"{tmp_path / 'pq' / 'rows.parquet'}#1"] == "input.keyColumn 'id' is null in this row"
     assert errors["c"].endswith("empty path")
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_a_class_holds_every_uri_the_job_reads_to_its_prefixes_and_says_nothing_of_the_others(
+    tmp_path: Path,
+) -> None:
+    """A manifest inside team-a's allowed folder once got team-b's images predicted (absolute paths, `../`,
+    file://, symlinks), and its error rows told which of team-b's paths exist."""
+    from batchinfer_job.classes import effective_spec, parse_class
+    from batchinfer_job.reading import OUTSIDE_PREFIXES
+
+    team_a, team_b = tmp_path / "team-a", tmp_path / "team-b"
+    write_photos(team_a / "photos", ["red_0.png"])
+    write_photos(team_b, ["green_0.png"])
+    os.symlink(team_b / "green_0.png", team_a / "photos" / "link.png")
+    (team_a / "m").mkdir()
+    lines = [
+        "../photos/red_0.png",  # team-a's own: predicted
+        str(team_b / "green_0.png"),  # exists
+        str(team_b / "missing.png"),  # does not: the same message
+        "../../team-b/green_0.png",
+        f"file://{team_b / 'green_0.png'}",
+        "../photos/link.png",  # a symlink in team-a to team-b's file
+    ]
+    (team_a / "m" / "list.txt").write_text("\n".join(lines) + "\n")
+    cls = parse_class(
+        {
+            "apiVersion": "batchinfer.dev/v1alpha1",
+            "kind": "BatchInferenceClass",
+            "metadata": {"name": "team-a"},
+            "spec": {"limits": {"allowedInputPrefixes": [str(team_a)]}},
+        }
+    )
+    body = make_spec(
+        str(team_a / "m"),
+        str(team_a / "out"),
+        model={"predictor": FAST},
+        input={"uri": str(team_a / "m"), "format": "manifest"},
+        errorPolicy={"maxFailedPercent": 90},
+    ).model_dump(mode="json", exclude_none=True)
+    spec = effective_spec(body, cls)
+    assert spec.input.allowedPrefixes == [str(team_a)]
+    result = run_local(spec, on_progress=None)
+    assert (result.total, result.failed) == (6, 5)
+    errors = {d["key"]: d["message"] for d in read_dead_letters(str(team_a / "out")).to_pylist()}
+    assert set(errors) == set(lines[1:])
+    assert {message for message in errors.values()} == {OUTSIDE_PREFIXES.removeprefix("read: ")}

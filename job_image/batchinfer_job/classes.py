@@ -8,7 +8,6 @@ operator, `batchinfer render/validate/run --class` all call it. Pure pydantic; n
 from __future__ import annotations
 
 import json
-import os
 import types
 from collections.abc import Mapping, Sequence
 from functools import cache
@@ -305,24 +304,7 @@ def enforced_problems(raw_spec: Mapping[str, Any], cls: BatchInferenceClass) -> 
 
 
 def _within_any(uri: str, prefixes: Sequence[str]) -> bool:
-    return any(s.is_within(uri, prefix) and _resolved_within(uri, prefix) for prefix in prefixes)
-
-
-def _local_path(uri: str) -> str | None:
-    """The filesystem path of a local URI (a plain path, file://, local://), or None for object storage."""
-    scheme, _, rest = uri.partition("://")
-    if not rest:
-        return uri
-    return rest if scheme.lower() in s.LOCAL_SCHEMES else None
-
-
-def _resolved_within(uri: str, prefix: str) -> bool:
-    """Local paths are compared again after resolving symlinks: a link inside an allowed folder may point into
-    another team's (an input read from it, an output overwritten through it)."""
-    path, outer = _local_path(uri), _local_path(prefix)
-    if path is None or outer is None:
-        return True
-    return s.is_within(os.path.realpath(path), os.path.realpath(outer))
+    return s.within_prefixes(uri, prefixes)
 
 
 def limit_problems(spec: s.BatchInferenceSpec, cls: BatchInferenceClass) -> list[str]:
@@ -410,6 +392,9 @@ def effective_spec(raw_spec: Mapping[str, Any], cls: BatchInferenceClass | None)
     problems = limit_problems(spec, cls)
     if problems:
         raise ClassRejected("ClassLimitExceeded", problems)
+    allowed = cls.spec.limits.allowedInputPrefixes
+    if allowed is not None:  # the job holds every URI it reads to them, not only input.uri
+        spec = spec.model_copy(update={"input": spec.input.model_copy(update={"allowedPrefixes": list(allowed)})})
     return spec.model_copy(update={"className": cls.name})
 
 

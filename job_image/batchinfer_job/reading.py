@@ -22,7 +22,7 @@ import ray
 from batchinfer_job import storage
 from batchinfer_job.digest import add_digests, key_digest
 from batchinfer_job.inputs import InputError, Partition, check_parquet_columns, relative_uri, wanted_columns
-from batchinfer_job.spec import InputSpec, check_storage_uri
+from batchinfer_job.spec import InputSpec, check_storage_uri, within_prefixes
 
 READ_ROWS = 1024  # rows per table a read task yields (Ray Data re-blocks them to model batches)
 
@@ -201,6 +201,28 @@ def _unique_keys_advice(partition: Partition) -> str:
     return f"{checked} (one folder)"
 
 
+OUTSIDE_PREFIXES = "read: outside the input prefixes this job may read (input.allowedPrefixes)"
+
+
+def _held_to_prefixes(table: pa.Table, prefixes: list[str]) -> pa.Table:
+    """Rows whose URI lies outside `prefixes` (after resolving local symlinks) become error rows with one fixed
+    message, which says nothing of whether the object exists; their URI is never read."""
+    uris = table["uri"].to_pylist()
+    errors = table["error"].to_pylist() if "error" in table.column_names else [None] * len(uris)
+    outside = [
+        uri is not None and not error and not within_prefixes(uri, prefixes)
+        for uri, error in zip(uris, errors, strict=True)
+    ]
+    if not any(outside):
+        return table
+    uris = [None if out else uri for uri, out in zip(uris, outside, strict=True)]
+    errors = [OUTSIDE_PREFIXES if out else error for error, out in zip(errors, outside, strict=True)]
+    table = table.set_column(table.column_names.index("uri"), "uri", pa.array(uris, pa.string()))
+    if "error" in table.column_names:
+        return table.set_column(table.column_names.index("error"), "error", pa.array(errors, pa.string()))
+    return table.append_column("error", pa.array(errors, pa.string()))
+
+
 def read_partition(partition: Partition, spec: InputSpec, done: set[str], found: PartitionRead) -> Iterator[pa.Table]:
     """Rows of a partition not in `done` (its keys committed by earlier attempts), with a `partition` column.
 
@@ -218,6 +240,8 @@ def read_partition(partition: Partition, spec: InputSpec, done: set[str], found:
             )
         if done:
             table = table.filter(pa.array([k not in done for k in keys]))
+        if spec.allowedPrefixes is not None and "uri" in table.column_names:
+            table = _held_to_prefixes(table, spec.allowedPrefixes)
         if table.num_rows:
             yield table.append_column("partition", pa.array([partition.id] * table.num_rows, pa.string()))
 

@@ -7,8 +7,10 @@ Field descriptions become `kubectl explain` text. Pure pydantic: no torch, ray o
 from __future__ import annotations
 
 import math
+import os
 import posixpath
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
@@ -143,6 +145,26 @@ def comparable_path(uri: str) -> tuple[str, str]:
             path = f"{_CWD_STAND_IN}/{path}"
     path = posixpath.normpath(path) if path else "."
     return scheme, "/" + path.lstrip("/") if path.startswith("/") else path
+
+
+def local_path(uri: str) -> str | None:
+    """The filesystem path of a local URI (a plain path, file://, local://), or None for object storage."""
+    match = _URI_SCHEME.match(uri)
+    if not match:
+        return uri
+    return uri[match.end() :] if match.group(1).lower() in LOCAL_SCHEMES else None
+
+
+def within_prefixes(uri: str, prefixes: Sequence[str]) -> bool:
+    """Whether `uri` lies under one of `prefixes`: lexically, and local paths again after resolving symlinks
+    (a link inside an allowed folder may point anywhere)."""
+    for prefix in prefixes:
+        if not is_within(uri, prefix):
+            continue
+        path, outer = local_path(uri), local_path(prefix)
+        if path is None or outer is None or is_within(os.path.realpath(path), os.path.realpath(outer)):
+            return True
+    return False
 
 
 def is_within(inner: str, outer: str) -> bool:
@@ -319,6 +341,20 @@ class InputSpec(_Model):
             "before they are decoded. The default fits a 16k x 10k photo."
         ),
     )
+
+    allowedPrefixes: list[Annotated[str, Field(max_length=2048)]] | None = Field(
+        default=None,
+        max_length=MAX_MAP_ENTRIES,
+        description=(
+            "Only inputs under these are read; any other a manifest or Parquet path lists (or a symlink leads to) "
+            "becomes an error row that says only that. A class's limits.allowedInputPrefixes is set here."
+        ),
+    )
+
+    @field_validator("allowedPrefixes")
+    @classmethod
+    def _prefixes(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [check_storage_uri(v, "input.allowedPrefixes entry") for v in value]
 
     @field_validator("uri")
     @classmethod
