@@ -188,10 +188,11 @@ def test_a_stall_fails_the_job_naming_the_stage_that_starved(tmp_path: Path) -> 
             run_pipeline(spec)
     finally:
         ray.kill(hog)
-    # What is free then depends on whether a decode task is running (0.75 CPU): the stage and the need are fixed.
+    # What is free then depends on which read or decode tasks run at that moment (0.25 or 0.75 CPU each): the
+    # stage and the need are fixed, and less than the 1 CPU an actor needs is free.
     assert re.match(
         r"no prediction for 5 s \(timeouts\.stallSeconds\): predict: no model actor has started \(each needs 1 CPU; "
-        r"free now: (0|0\.75) of 2 CPUs\)",
+        r"free now: (0|0\.[0-9]+) of 2 CPUs\)",
         str(err.value),
     ), err.value
     # The stalled job's work is stopped: no read task or model actor of it takes the CPUs the hog gave back.
