@@ -46,3 +46,29 @@ def test_decode_module_does_not_import_torch() -> None:
 
     probe = "import sys, batchinfer_job.decode; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], check=False).returncode == 0
+
+
+def _jpeg(progressive: bool) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(out, "JPEG", progressive=progressive)
+    return out.getvalue()
+
+
+def test_a_jpeg_of_too_many_scans_is_an_error_row_in_both_decode_modes_before_any_decoding() -> None:
+    """40,000 scans in 2.2 MB took ~115 s to decode while every other row waited; refused from its markers."""
+    from batchinfer_job.decode import MAX_JPEG_SCANS, fetch_batch
+
+    normal = _jpeg(progressive=True)
+    assert 1 < normal.count(b"\xff\xda") <= MAX_JPEG_SCANS  # what encoders write passes
+    bomb = normal[:-2] + b"\xff\xda" * (MAX_JPEG_SCANS + 100) + b"\xff\xd9"
+    batch = {"key": np.array(["ok", "bomb"], dtype=object), "bytes": np.array([normal, bomb], dtype=object)}
+    decoded = decode_batch(batch, preprocess=Preprocess(resize=32, crop=32))
+    fetched = fetch_batch(batch)
+    for errors in (decoded["error"], fetched["error"]):
+        assert errors[0] == ""
+        assert (
+            errors[1].startswith("decode: DecompressionBombError: a JPEG of ") and "scans (more than 100)" in errors[1]
+        )
