@@ -162,3 +162,12 @@ def test_valid_names_pass() -> None:
         assert IMAGE_REFERENCE.match(image), image
     for key in ("nvidia.com/gpu.present", "kubernetes.io/hostname", "pool", "a.b-c_d"):
         assert LABEL_KEY.match(key), key
+
+
+def test_demo_data_onto_an_existing_file_says_so_in_one_line(tmp_path: Path) -> None:
+    target = tmp_path / "photos"
+    target.write_text("not a folder")
+    result = runner.invoke(app, ["demo-data", str(target)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"error: {target} is a file, not a folder; give a folder" in result.output
+    assert target.read_text() == "not a folder"  # nothing lost

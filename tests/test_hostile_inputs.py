@@ -533,3 +533,43 @@ def test_a_symlink_under_an_allowed_local_prefix_cannot_lead_out_of_it(tmp_path:
     assert "spec.input.uri" in str(refused.value) and "spec.output.uri" in str(refused.value)
     ok = effective_spec(spec_body(f"{team_a}/alias", f"{team_a}/preds-a"), cls)
     assert ok.input.uri == f"{team_a}/alias"
+
+
+def test_a_full_disk_leaves_no_half_written_record_or_orphan_shard_and_says_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After ENOSPC a `.tmp-` record and an uncommitted shard stayed behind in the output."""
+    import errno
+
+    import pyarrow as pa
+
+    from batchinfer_job.commit import OutputWriteError, writing
+    from batchinfer_job.outputs import PARTITION_COLUMN
+
+    store = OutputStore(storage.resolve(str(tmp_path / "out")))
+    store.prepare("error_if_exists", "f" * 16)
+    from batchinfer_job.outputs import PREDICTION_SCHEMA
+
+    rows = pa.Table.from_pylist(
+        [
+            {"key": "a", "predicted_class": 1, "label": "x", "confidence": 0.5, "error": None},
+            {"key": "b", "error": "decode: OSError: broken"},
+        ],
+        schema=PREDICTION_SCHEMA,
+    ).append_column(PARTITION_COLUMN, pa.array(["p", "p"]))
+    real_open = store.location.fs.open
+
+    def full(path: str, mode: str = "rb", **kwargs: object):
+        if "w" in mode and storage.IN_FLIGHT in path:
+            handle = real_open(path, mode, **kwargs)
+            handle.write(b"{")  # part of the record reached the disk
+            handle.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, **kwargs)
+
+    monkeypatch.setattr(store.location.fs, "open", full)
+    with pytest.raises(OutputWriteError) as failed, writing(store.location, "writing shard part-1-0"):
+        store.write_shard("part-abcd1234-000000000", rows)
+    message = str(failed.value)
+    assert "\n" not in message and "writing shard part-1-0 failed: OSError: [Errno 28] No space left" in message
+    assert storage.files_under(store.location) == ["_job.json"]  # no .tmp-, no shard, no dead letters

@@ -67,3 +67,15 @@ def test_an_s3_console_folder_marker_is_not_data(s3, bucket: str, mode: str) -> 
     s3.put_object(Bucket=bucket, Key="preds/notes.txt", Body=b"mine")  # a real foreign file still refuses
     with pytest.raises(OutputExistsError, match=r"holds files batchinfer did not write \(notes\.txt\)"):
         OutputStore(storage.resolve(f"s3://{bucket}/preds/")).prepare(mode, "e" * 16)
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_a_typo_in_the_output_bucket_fails_in_one_line(s3, photo_dir: Path) -> None:
+    from batchinfer_job.commit import OutputWriteError
+
+    spec = make_spec(str(photo_dir), "s3://no-such-bucket-typo/preds/")
+    with pytest.raises(OutputWriteError) as failed:
+        run_local(spec, on_progress=None)
+    message = str(failed.value)
+    assert message.startswith("output.uri 's3://no-such-bucket-typo/preds': preparing the output failed: ")
+    assert "bucket does not exist" in message and "\n" not in message

@@ -23,6 +23,7 @@ import json
 import re
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,26 @@ ERRORS_DIR = "_errors"
 
 class OutputExistsError(FileExistsError):
     """The output cannot be used: it holds data (error_if_exists), foreign files, or is a file."""
+
+
+class OutputWriteError(storage.StorageError):
+    """Writing to output.uri failed where it is written (no such bucket, no permission, a full disk)."""
+
+
+@contextmanager
+def writing(location: storage.Location, what: str) -> Iterator[None]:
+    """Turn a failed write to the output into one line naming output.uri, what was written and what to check;
+    the output's own refusals (OutputExistsError) pass unchanged."""
+    try:
+        yield
+    except OutputExistsError:
+        raise
+    except storage.WRITE_ERRORS as err:
+        raise OutputWriteError(
+            f"output.uri {location.uri!r}: {what} failed: {type(err).__name__}: {err}; check the bucket or folder "
+            "name, write permission, credentials and free space (shards committed so far are kept: a rerun "
+            "resumes)"
+        ) from err
 
 
 _SHARD_NAME = r"part-[0-9a-f]+-\d+(-dedup-[0-9a-f]+)*"  # part-<run>-<seq>, then one -dedup-<run> per rewrite
@@ -196,6 +217,24 @@ class OutputStore:
         """
         partitions = table[PARTITION_COLUMN].to_pylist()
         table = table.drop_columns([PARTITION_COLUMN]).cast(PREDICTION_SCHEMA)
+        written = [
+            self.location.child(f"{name}.parquet").path,
+            self.location.child(f"{ERRORS_DIR}/{name}.parquet").path,
+        ]
+        try:
+            return self._write_shard(name, table, partitions, supersedes, listed)
+        except BaseException:
+            storage.remove_leftovers(self.location.fs, written)  # an uncommitted shard is never left behind
+            raise
+
+    def _write_shard(
+        self,
+        name: str,
+        table: pa.Table,
+        partitions: list[str],
+        supersedes: str | None,
+        listed: dict[str, list[Any]] | None,
+    ) -> Shard:
         fs = self.location.arrow_fs
         pq.write_table(table, self.location.child(f"{name}.parquet").path, filesystem=fs)
         failed = table.num_rows - pc.sum(pc.is_null(table["error"])).as_py()

@@ -449,7 +449,8 @@ def run_pipeline(
     log.info("stages %s", shares.describe())
     input_plan = inputs.plan_inputs(spec.input, count_rows=lambda p: reading.count_rows(p, spec.input))
     store = commit.OutputStore(storage.resolve(spec.output.uri))
-    earlier = store.prepare(spec.output.mode, commit.job_fingerprint(spec))
+    with commit.writing(store.location, "preparing the output"):
+        earlier = store.prepare(spec.output.mode, commit.job_fingerprint(spec))
     plan, ledger = plan_reading(input_plan.partitions, store, earlier)
     run_id = uuid.uuid4().hex[:8]
     counts = {"rows": sum(s.rows for s in earlier), "failed": sum(s.failed for s in earlier), "this_run": 0}
@@ -467,7 +468,8 @@ def run_pipeline(
         ledger.refresh()
         if pending:
             name = f"part-{run_id}-{counts['this_run']:09d}"
-            shard = store.write_shard(name, pa.concat_tables(pending), listed=ledger.newly_read())
+            with commit.writing(store.location, f"writing shard {name}"):
+                shard = store.write_shard(name, pa.concat_tables(pending), listed=ledger.newly_read())
             counts["rows"] += shard.rows
             counts["failed"] += shard.failed
             counts["this_run"] += shard.rows
@@ -555,7 +557,8 @@ def finish(
         "timeToFirstRowSeconds": None if first_row is None else round(first_row, 3),
         "rowsPerSecondAfterFirstShard": None if steady is None else round(steady, 3),
     }
-    store.write_success(manifest)
+    with commit.writing(store.location, "writing _SUCCESS.json"):
+        store.write_success(manifest)
     return RunResult(
         total=total,
         succeeded=total - failed,

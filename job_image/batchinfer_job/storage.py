@@ -7,6 +7,7 @@ S3 endpoint and credentials come from the standard AWS environment (`AWS_ENDPOIN
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import stat
@@ -17,6 +18,7 @@ from typing import Any
 import fsspec
 import pyarrow.fs as pafs
 
+log = logging.getLogger(__name__)
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -33,18 +35,21 @@ class NotRegularFileError(OSError):
     """A local input is a FIFO, socket or device: never opened."""
 
 
-def _read_errors() -> tuple[type[BaseException], ...]:
-    """What reading one input can raise that concerns that input alone: I/O and permissions, a bad name, no
-    back end for its scheme, the object store's refusals (credentials, access) as botocore raises them."""
-    errors: tuple[type[BaseException], ...] = (OSError, ValueError, StorageError)
+def _object_store_errors() -> tuple[type[BaseException], ...]:
+    """The object store's refusals (credentials, access, missing bucket) as botocore raises them, when the S3
+    back end is installed."""
     try:
         from botocore.exceptions import BotoCoreError, ClientError
     except ImportError:  # no S3 back end installed: nothing of it can be raised
-        return errors
-    return (*errors, BotoCoreError, ClientError)
+        return ()
+    return (BotoCoreError, ClientError)
 
 
-READ_ERRORS = _read_errors()
+# What reading one input can raise that concerns that input alone: I/O and permissions, a bad name, no back end
+# for its scheme, the object store's refusals.
+READ_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, StorageError, *_object_store_errors())
+# What writing the output can raise from where it is written: a missing bucket or folder, permissions, a full disk.
+WRITE_ERRORS: tuple[type[BaseException], ...] = (OSError, *_object_store_errors())
 
 
 @dataclass(frozen=True)
@@ -264,9 +269,24 @@ def write_json(location: Location, payload: dict[str, Any]) -> None:
             handle.write(data)
         return
     temporary = f"{location.path}{IN_FLIGHT}{uuid.uuid4().hex}"
-    with location.fs.open(temporary, "wb") as handle:
-        handle.write(data)
-    location.fs.mv(temporary, location.path)
+    try:
+        with location.fs.open(temporary, "wb") as handle:
+            handle.write(data)
+        location.fs.mv(temporary, location.path)
+    except BaseException:
+        remove_leftovers(location.fs, [temporary])  # a full disk must not leave a half-written record behind
+        raise
+
+
+def remove_leftovers(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
+    """Delete what a failed write left, if it is there; a failure to delete is logged (the write's own error
+    is the one raised)."""
+    for path in paths:
+        try:
+            if fs.exists(path):
+                fs.rm_file(path)
+        except OSError as err:
+            log.warning("could not remove %s after a failed write: %s", path, err)
 
 
 def read_json(location: Location) -> dict[str, Any]:

@@ -268,7 +268,13 @@ def demo_data(
     """Write the quickstart's input images (real photos, varied, plus one corrupt file)."""
     from batchinfer_job.demo_data import write_demo_images
 
-    written = write_demo_images(folder, per_photo=per_photo)
+    if folder.exists() and not folder.is_dir():
+        _fail([f"{folder} is a file, not a folder; give a folder to write the photos into (it is created)"])
+    try:
+        written = write_demo_images(folder, per_photo=per_photo)
+    except OSError as err:
+        _fail([f"cannot write the photos to {folder}: {err.strerror or err}"])
+        raise  # unreachable: _fail exits
     typer.echo(f"wrote {len(written)} files to {folder}")
 
 
