@@ -21,7 +21,7 @@ from batchinfer_job.outputs import PARTITION_COLUMN, prediction_table
 from batchinfer_job.pipeline import Ledger
 from batchinfer_job.progress import ProgressReport
 from batchinfer_job.reading import manifest_lines
-from batchinfer_job.spec import InputSpec
+from batchinfer_job.spec import BatchInferenceSpec, InputSpec
 from batchinfer_job.storage import resolve
 from batchinfer_job.summary import output_summary_lines
 from tests.helpers import make_spec
@@ -246,6 +246,17 @@ def test_a_huge_manifest_line_is_cut_in_what_run_prints_and_a_repeated_line_is_e
     assert "keyColumn" not in str(refused.value)
 
 
+def manifest_spec(manifests: Path, out: Path, max_failed_percent: int) -> BatchInferenceSpec:
+    """The fast predictor over a folder of manifests, allowing that share of error rows."""
+    return make_spec(
+        str(manifests),
+        str(out),
+        model={"predictor": FAST},
+        input={"uri": str(manifests), "format": "manifest"},
+        errorPolicy={"maxFailedPercent": max_failed_percent},
+    )
+
+
 @pytest.mark.usefixtures("local_ray")
 def test_rows_that_cannot_be_read_are_error_rows_and_the_job_goes_on(tmp_path: Path) -> None:
     """A back end that is not installed (gs://, az://), a file name that is not UTF-8, a null key or path
@@ -262,13 +273,7 @@ def test_rows_that_cannot_be_read_are_error_rows_and_the_job_goes_on(tmp_path: P
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "list.txt").write_text(f"{photos[0]}\ngs://bucket/x.png\naz://container/y.png\n")
-    manifest = make_spec(
-        str(tmp_path / "m"),
-        str(tmp_path / "out2"),
-        model={"predictor": FAST},
-        input={"uri": str(tmp_path / "m"), "format": "manifest"},
-        errorPolicy={"maxFailedPercent": 70},
-    )
+    manifest = manifest_spec(tmp_path / "m", tmp_path / "out2", max_failed_percent=70)
     result = run_local(manifest, on_progress=None)
     assert (result.total, result.failed) == (3, 2)
     errors = {d["key"]: d["message"] for d in read_dead_letters(str(tmp_path / "out2")).to_pylist()}
@@ -322,13 +327,7 @@ def test_a_class_holds_every_uri_the_job_reads_to_its_prefixes_and_says_nothing_
             "spec": {"limits": {"allowedInputPrefixes": [str(team_a)]}},
         }
     )
-    body = make_spec(
-        str(team_a / "m"),
-        str(team_a / "out"),
-        model={"predictor": FAST},
-        input={"uri": str(team_a / "m"), "format": "manifest"},
-        errorPolicy={"maxFailedPercent": 90},
-    ).model_dump(mode="json", exclude_none=True)
+    body = manifest_spec(team_a / "m", team_a / "out", max_failed_percent=90).model_dump(mode="json", exclude_none=True)
     spec = effective_spec(body, cls)
     assert spec.input.allowedPrefixes == [str(team_a)]
     result = run_local(spec, on_progress=None)

@@ -303,10 +303,6 @@ def enforced_problems(raw_spec: Mapping[str, Any], cls: BatchInferenceClass) -> 
     return problems
 
 
-def _within_any(uri: str, prefixes: Sequence[str]) -> bool:
-    return s.within_prefixes(uri, prefixes)
-
-
 def limit_problems(spec: s.BatchInferenceSpec, cls: BatchInferenceClass) -> list[str]:
     """Each limit of the class the effective spec breaks, naming the field, the class and the limit."""
     limits, name, problems = cls.spec.limits, cls.name, []
@@ -335,7 +331,7 @@ def limit_problems(spec: s.BatchInferenceSpec, cls: BatchInferenceClass) -> list
         ("model.weightsUri", spec.model.weightsUri, limits.allowedWeightsPrefixes, "allowedWeightsPrefixes"),
     ]
     for field, uri, prefixes, limit in locations:
-        if uri is not None and prefixes is not None and not _within_any(uri, prefixes):
+        if uri is not None and prefixes is not None and not s.within_prefixes(uri, prefixes):
             problems.append(
                 f"spec.{field}: {uri!r} is outside what BatchInferenceClass {name!r} allows "
                 f"(spec.limits.{limit}: {', '.join(prefixes) or 'nothing'})"
