@@ -79,3 +79,38 @@ def test_a_typo_in_the_output_bucket_fails_in_one_line(s3, photo_dir: Path) -> N
     message = str(failed.value)
     assert message.startswith("output.uri 's3://no-such-bucket-typo/preds': preparing the output failed: ")
     assert "bucket does not exist" in message and "\n" not in message
+
+
+def test_demo_data_onto_s3_then_results_summarise_the_committed_output(s3, bucket: str) -> None:
+    """The cluster demo's two CLI steps against a real S3 API: photos uploaded under a prefix, and a finished
+    output read back (counts from _SUCCESS.json, labels per photo, the error row); no output is one clear line."""
+    from typer.testing import CliRunner
+
+    from batchinfer_operator.cli import app
+
+    runner = CliRunner()
+    uploaded = runner.invoke(app, ["demo-data", f"s3://{bucket}/images/", "--per-photo", "2"])
+    assert uploaded.exit_code == 0, uploaded.output
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="images/")["Contents"])
+    assert len(keys) == 8 * 2 + 1 and "images/corrupt_000.jpg" in keys and "images/chelsea_001.jpg" in keys
+    assert f"wrote 17 files to s3://{bucket}/images/" in uploaded.output
+
+    missing = runner.invoke(app, ["results", f"s3://{bucket}/predictions/"])
+    assert missing.exit_code == 1 and "Traceback" not in missing.output
+    assert f"error: s3://{bucket}/predictions/ holds no _SUCCESS.json: no job has finished" in missing.output
+
+    run_local(make_spec(f"s3://{bucket}/images/", f"s3://{bucket}/predictions/"), on_progress=None)
+    shown = runner.invoke(app, ["results", f"s3://{bucket}/predictions/"])
+    assert shown.exit_code == 0, shown.output
+    assert f"s3://{bucket}/predictions/: 17 inputs, 16 predicted, 1 error rows" in shown.output
+    assert "error rows (1):" in shown.output and "corrupt_000.jpg: decode: " in shown.output
+
+
+def test_demo_data_into_a_missing_bucket_says_so_in_one_line(s3) -> None:
+    from typer.testing import CliRunner
+
+    from batchinfer_operator.cli import app
+
+    result = CliRunner().invoke(app, ["demo-data", "s3://no-such-bucket-here/images/", "--per-photo", "1"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "error: cannot write the photos to s3://no-such-bucket-here/images/" in result.output

@@ -375,10 +375,26 @@ def shards_payload(shards: list[Shard]) -> list[dict[str, Any]]:
     return [{"file": s.file, "rows": s.rows, "failed": s.failed, "supersedes": s.supersedes} for s in shards]
 
 
+class NotCommittedError(FileNotFoundError):
+    """An output location holds no `_SUCCESS.json`: no job has finished writing there."""
+
+
+def read_success(output_uri: str) -> dict[str, Any]:
+    """The commit record of a finished output (counts, shards, partitions)."""
+    location = storage.resolve(output_uri)
+    try:
+        return storage.read_json(location.child(SUCCESS_FILE))
+    except FileNotFoundError:
+        raise NotCommittedError(
+            f"{output_uri} holds no {SUCCESS_FILE}: no job has finished writing there (still running, failed, "
+            "or another output.uri)"
+        ) from None
+
+
 def read_committed(output_uri: str, columns: list[str] | None = None) -> pa.Table:
     """The predictions `_SUCCESS.json` lists: each input key exactly once."""
     location = storage.resolve(output_uri)
-    manifest = storage.read_json(location.child(SUCCESS_FILE))
+    manifest = read_success(output_uri)
     tables = [
         pq.read_table(location.child(shard["file"]).path, columns=columns, filesystem=location.arrow_fs)
         for shard in manifest["shards"]
@@ -390,7 +406,7 @@ def read_committed(output_uri: str, columns: list[str] | None = None) -> pa.Tabl
 def read_dead_letters(output_uri: str) -> pa.Table:
     """Every dead-letter row of the committed shards."""
     location = storage.resolve(output_uri)
-    manifest = storage.read_json(location.child(SUCCESS_FILE))
+    manifest = read_success(output_uri)
     tables = []
     for shard in manifest["shards"]:
         path = location.child(f"{ERRORS_DIR}/{shard['file']}").path

@@ -13,6 +13,7 @@ import re
 import stat
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -240,7 +241,7 @@ def remove_files(location: Location, relative: list[str]) -> None:
     """Delete exactly these files under the location, then local folders they leave empty."""
     for name in relative:
         location.fs.rm_file(location.child(name).path)
-    if _is_local(location):
+    if is_local(location):
         for folder in sorted({n.rsplit("/", 1)[0] for n in relative if "/" in n}, key=len, reverse=True):
             path = location.child(folder).path
             if location.fs.isdir(path) and not location.fs.ls(path):
@@ -249,11 +250,17 @@ def remove_files(location: Location, relative: list[str]) -> None:
 
 def ensure_folder(location: Location) -> None:
     """Create a local folder; object stores need none (and must not get buckets created)."""
-    if _is_local(location):
+    if is_local(location):
         location.fs.makedirs(location.path, exist_ok=True)
 
 
-def _is_local(location: Location) -> bool:
+def upload_files(location: Location, files: list[Path]) -> None:
+    """Copy local files under `location` (their names kept); the bucket must exist."""
+    for file in files:
+        location.fs.put_file(str(file), location.child(file.name).path)
+
+
+def is_local(location: Location) -> bool:
     protocols = (location.fs.protocol,) if isinstance(location.fs.protocol, str) else location.fs.protocol
     return "file" in protocols or "local" in protocols
 
@@ -264,7 +271,7 @@ def write_json(location: Location, payload: dict[str, Any]) -> None:
     Object stores make a single PUT atomic; on local and mounted filesystems the file is renamed into place.
     """
     data = json.dumps(payload, indent=2, sort_keys=True).encode()
-    if not _is_local(location):
+    if not is_local(location):
         with location.fs.open(location.path, "wb") as handle:
             handle.write(data)
         return
@@ -300,7 +307,7 @@ def read_uri(uri: str, max_bytes: int | None = None) -> bytes:
     A local path that is not a regular file (a FIFO would block forever) raises instead of being opened.
     """
     location = resolve(uri)
-    if _is_local(location) and not stat.S_ISREG(os.stat(location.path).st_mode):
+    if is_local(location) and not stat.S_ISREG(os.stat(location.path).st_mode):
         raise NotRegularFileError(f"{location.path} is not a regular file")
     if max_bytes is None:
         return read_bytes(location.fs, location.path)

@@ -262,20 +262,50 @@ def bench(
 
 @app.command("demo-data")
 def demo_data(
-    folder: Path = typer.Argument(..., help="Folder to fill with photos."),
+    target: str = typer.Argument(..., help="Folder to fill with photos, or an object-store URI (s3://bucket/prefix)."),
     per_photo: int = typer.Option(40, help="Variants per source photo."),
 ) -> None:
     """Write the quickstart's input images (real photos, varied, plus one corrupt file)."""
+    import tempfile
+
+    from batchinfer_job import storage
     from batchinfer_job.demo_data import write_demo_images
 
-    if folder.exists() and not folder.is_dir():
-        _fail([f"{folder} is a file, not a folder; give a folder to write the photos into (it is created)"])
+    location = storage.resolve(target)
+    local = storage.is_local(location)
+    if local and Path(location.path).exists() and not Path(location.path).is_dir():
+        _fail([f"{target} is a file, not a folder; give a folder to write the photos into (it is created)"])
     try:
-        written = write_demo_images(folder, per_photo=per_photo)
+        if local:
+            written = write_demo_images(Path(location.path), per_photo=per_photo)
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                written = write_demo_images(Path(folder), per_photo=per_photo)
+                storage.upload_files(location, written)
     except OSError as err:
-        _fail([f"cannot write the photos to {folder}: {err.strerror or err}"])
+        _fail([f"cannot write the photos to {target}: {err.strerror or err}"])
         raise  # unreachable: _fail exits
-    typer.echo(f"wrote {len(written)} files to {folder}")
+    typer.echo(f"wrote {len(written)} files to {target}")
+
+
+@app.command()
+def results(
+    output: str = typer.Argument(..., help="A BatchInference's output.uri (a folder or s3://bucket/prefix)."),
+) -> None:
+    """Summarise a finished job's output: rows, errors, labels per input group and the first error rows."""
+    from batchinfer_job.commit import NotCommittedError, read_success
+    from batchinfer_job.summary import output_summary_lines
+
+    try:
+        record = read_success(output)
+        lines = output_summary_lines(output)
+    except NotCommittedError as err:
+        _fail([str(err)])
+        raise  # unreachable: _fail exits
+    counts = record["counts"]
+    typer.echo(f"{output}: {counts['total']} inputs, {counts['succeeded']} predicted, {counts['failed']} error rows")
+    for line in lines:
+        typer.echo(line)
 
 
 if __name__ == "__main__":
