@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from tests.controlplane import object_store
 from tests.controlplane.cluster import ControlPlaneError, start, stop
 from tests.controlplane.node import NodeError
 
@@ -30,7 +31,8 @@ def main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"control plane up at {plane.url}; logs in {folder}")
-    print(f"export KUBECONFIG={plane.kubeconfig}")
+    env = folder / object_store.ENV_FILE
+    print(f"source {env}" if env.exists() else f"export KUBECONFIG={plane.kubeconfig}")
     return 0
 
 

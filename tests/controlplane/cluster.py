@@ -1,10 +1,12 @@
-"""A real Kubernetes control plane on 127.0.0.1: etcd, kube-apiserver, kube-controller-manager, KubeRay.
+"""A real Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager, KubeRay (a process here); and,
+with a node (`node.py`), pods that run, KubeRay as a Deployment (`kuberay.py`) and an S3 API the pods reach
+(`object_store.py`).
 
 Built from the Go module proxy by `build.sh` (pinned in `versions.env`), started on random free ports with
 certificates generated per run; logs, certificates and the admin kubeconfig live in one folder
-(`build/k8s` for `make k8s-up`). No kubelet and no scheduler: pods stay Pending, which is enough to see
+(`build/k8s` for `make k8s-up`). Without a node (no root needed) pods stay Pending, which is enough to see
 the pod specs KubeRay creates and how status is mirrored. `make k8s-up`/`make k8s-down` and the pytest
-fixture all use `start`/`stop` here.
+fixtures all use `start`/`stop` here.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.controlplane import node, pki
+from tests.controlplane import kuberay, node, object_store, pki
 from tests.controlplane.processes import (
     LOOPBACK,
     ControlPlaneError,
@@ -106,7 +108,8 @@ def start(folder: Path, timeout: float = 180, with_node: bool = False) -> Contro
     """Start every component (building binaries first if needed) and install the CRDs; returns when ready.
 
     `with_node`: also a node (`node.py`; root): the API server then listens on the pod network's gateway, where
-    pods reach it through the `kubernetes` Service, and Services come from 198.19.0.0/16.
+    pods reach it through the `kubernetes` Service, and Services come from 198.19.0.0/16; an S3 API listens
+    there too (`object_store`), and `env` in the folder holds the shell lines that reach both.
     """
     bin_dir = binaries()
     if with_node:
@@ -123,6 +126,9 @@ def start(folder: Path, timeout: float = 180, with_node: bool = False) -> Contro
     if with_node:
         images = node.node_images(Path(node_bins) / "images", Path(node_bins))
         images.update(node.project_images(REPO / "build" / "images"))
+        files, image_config = kuberay.image_content(bin_dir)
+        name, tag = kuberay.image_ref().split(":")
+        images[kuberay.image_ref()] = node.oci_image(Path(node_bins) / "images", name, tag, files, image_config)
         (folder / "node-binaries").write_text(str(node_bins))
         node.network_up(folder)
     try:
@@ -221,27 +227,20 @@ def start(folder: Path, timeout: float = 180, with_node: bool = False) -> Contro
         )
         install_crds(kubeconfig, [*sorted(OUR_CRDS.glob("*.yaml")), *sorted(VENDORED_KUBERAY.glob("ray.io_*.yaml"))])
 
-        probe_port = free_port()
-        processes["ray-operator"] = spawn(
-            "ray-operator",
-            [
-                str(bin_dir / "ray-operator"),
-                "--metrics-addr=0",
-                f"--health-probe-bind-address={LOOPBACK}:{probe_port}",
-                "--enable-leader-election=false",
-                "--log-stdout-encoder=console",
-            ],
-            folder,
-            env={"KUBECONFIG": str(kubeconfig)},
-        )
-        wait_ready(
-            "ray-operator",
-            processes["ray-operator"],
-            folder,
-            lambda: https_ok(f"http://{LOOPBACK}:{probe_port}/readyz"),
-            timeout,
-        )
-        node_pids = node.start(folder, url, keys, kubeconfig, Path(node_bins), images, timeout) if with_node else {}
+        node_pids: dict[str, int] = {}
+        if with_node:
+            processes["s3"] = object_store.start(folder, timeout)
+            object_store.write_env(folder, kubeconfig)
+            node_pids = node.start(folder, url, keys, kubeconfig, Path(node_bins), images, timeout)
+            try:  # KubeRay as users run it: a Deployment
+                kuberay_image = f"{node.IMAGE_PREFIX}/{kuberay.image_ref()}"
+                documents = kuberay.manifests(kuberay.module_config(), kuberay_image)
+                node.deploy(kubeconfig, documents, kuberay.NAMESPACE, kuberay.DEPLOYMENT, timeout)
+            except BaseException:
+                node.stop(folder, node_pids, kubeconfig)
+                raise
+        else:
+            processes["ray-operator"] = start_kuberay_process(bin_dir, folder, kubeconfig, timeout)
     except BaseException:
         terminate({name: p.pid for name, p in processes.items()})
         if with_node:
@@ -251,6 +250,25 @@ def start(folder: Path, timeout: float = 180, with_node: bool = False) -> Contro
     plane = ControlPlane(folder, url, kubeconfig, pids, str(bin_dir), node_pids)
     plane.save()
     return plane
+
+
+def start_kuberay_process(bin_dir: Path, folder: Path, kubeconfig: Path, timeout: float) -> subprocess.Popen:
+    """KubeRay's operator as a process here, for the control plane without a node."""
+    probe_port = free_port()
+    process = spawn(
+        "ray-operator",
+        [
+            str(bin_dir / "ray-operator"),
+            "--metrics-addr=0",
+            f"--health-probe-bind-address={LOOPBACK}:{probe_port}",
+            "--enable-leader-election=false",
+            "--log-stdout-encoder=console",
+        ],
+        folder,
+        env={"KUBECONFIG": str(kubeconfig)},
+    )
+    wait_ready("ray-operator", process, folder, lambda: https_ok(f"http://{LOOPBACK}:{probe_port}/readyz"), timeout)
+    return process
 
 
 def install_crds(kubeconfig: Path, files: list[Path], timeout: float = 60) -> None:

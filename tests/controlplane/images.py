@@ -15,7 +15,7 @@ from tests.controlplane.host import NodeError, run, write_file
 IMAGE_PREFIX = "batchinfer.local"
 
 
-def _oci_image(cache: Path, name: str, tag: str, files: dict[str, Path], config: list[str]) -> Path:
+def oci_image(cache: Path, name: str, tag: str, files: dict[str, Path], config: list[str]) -> Path:
     """An OCI-layout tarball holding `files` (path in image → file here) and the given `umoci config` flags."""
     tarball = cache / f"{name}-{tag}.tar"
     if tarball.exists():
@@ -68,9 +68,9 @@ def node_images(cache: Path, bins: Path) -> dict[str, Path]:
     pause = ["--config.entrypoint", "/pause", "--config.user", "65535"]
     shell = ["--config.cmd", "/bin/sh", "--config.env", "PATH=/bin"]
     return {
-        "pause:3.10": _oci_image(cache, "pause", "3.10", {"/pause": bins / "pause"}, pause),
-        "busybox:1.35": _oci_image(cache, "busybox", "1.35", files, shell),
-        "coredns:1.15.0": _oci_image(
+        "pause:3.10": oci_image(cache, "pause", "3.10", {"/pause": bins / "pause"}, pause),
+        "busybox:1.35": oci_image(cache, "busybox", "1.35", files, shell),
+        "coredns:1.15.0": oci_image(
             cache, "coredns", "1.15.0", {"/coredns": bins / "coredns"}, ["--config.entrypoint", "/coredns"]
         ),
     }
@@ -91,7 +91,10 @@ LOCAL_BASE = "localhost/batchinfer-base:py311-bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 REPO = Path(__file__).resolve().parents[2]
 # name -> Dockerfile; each takes ARG BASE_IMAGE (the public default stays for users with a registry).
-PROJECT_IMAGES = {"batchinfer-operator": REPO / "operator" / "Dockerfile"}
+PROJECT_IMAGES = {
+    "batchinfer-operator": REPO / "operator" / "Dockerfile",
+    "batchinfer-job": REPO / "job_image" / "Dockerfile",
+}
 PROJECT_TAG = "dev"
 
 
@@ -141,17 +144,22 @@ def project_images(out: Path) -> dict[str, Path]:
     base = ensure_local_base(out)
     built = {}
     for name, dockerfile in PROJECT_IMAGES.items():
-        tag = f"localhost/{name}:{PROJECT_TAG}"
+        tag, iid = f"localhost/{name}:{PROJECT_TAG}", out / f"{name}.iid"
         result = buildah(
             "bud", "-q", "--layers", "--isolation", "chroot", "--network", "host",
-            "--build-arg", f"BASE_IMAGE={base}", "-f", str(dockerfile), "-t", tag, str(REPO),
+            "--build-arg", f"BASE_IMAGE={base}", "-f", str(dockerfile), "-t", tag, "--iidfile", str(iid), str(REPO),
         )  # fmt: skip
         if result.returncode != 0:
             raise NodeError(f"building {name} from {dockerfile.relative_to(REPO)} failed:\n{result.stderr[-3000:]}")
         archive = out / f"{name}.tar"
-        archive.unlink(missing_ok=True)
-        pushed = buildah("push", "-q", tag, f"oci-archive:{archive}:{PROJECT_TAG}")
-        if pushed.returncode != 0:
-            raise NodeError(f"exporting {name} failed: {pushed.stderr.strip()}")
+        image_id = iid.read_text().strip()
+        stamp = out / f"{name}.id"
+        if not (archive.exists() and stamp.exists() and stamp.read_text() == image_id):
+            archive.unlink(missing_ok=True)
+            # Uncompressed: gzip of the job image's ~5 GB would take minutes on two cores for a local copy.
+            pushed = buildah("push", "-q", "--disable-compression", tag, f"oci-archive:{archive}:{PROJECT_TAG}")
+            if pushed.returncode != 0:
+                raise NodeError(f"exporting {name} failed: {pushed.stderr.strip()}")
+            stamp.write_text(image_id)
         built[f"{name}:{PROJECT_TAG}"] = archive
     return built

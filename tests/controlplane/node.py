@@ -35,7 +35,7 @@ from tests.controlplane.host import (
     run,
     set_sysctl,
 )
-from tests.controlplane.images import IMAGE_PREFIX, import_images, node_images, project_images
+from tests.controlplane.images import IMAGE_PREFIX, import_images, node_images, oci_image, project_images
 from tests.controlplane.node_config import (
     NODE_NAME,
     containerd_config,
@@ -53,10 +53,12 @@ __all__ = [
     "SERVICE_CIDR",
     "NodeError",
     "check_host",
+    "deploy",
     "leftovers",
     "network_down",
     "network_up",
     "node_images",
+    "oci_image",
     "project_images",
     "start",
     "stop",
@@ -152,24 +154,26 @@ def start(
             lambda: https_ok(f"http://127.0.0.1:{healthz}/healthz"),
             timeout,
         )
-        applied = _kubectl(admin_kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump_all(coredns_manifests()))
-        if applied.returncode != 0:
-            raise NodeError(f"CoreDNS manifests refused: {applied.stderr.strip()}")
-        rollout = _kubectl(
-            admin_kubeconfig,
-            "-n",
-            "kube-system",
-            "rollout",
-            "status",
-            "deployment/coredns",
-            f"--timeout={int(timeout)}s",
-        )
-        if rollout.returncode != 0:
-            raise NodeError(f"CoreDNS did not become ready: {rollout.stderr.strip() or rollout.stdout.strip()}")
+        deploy(admin_kubeconfig, coredns_manifests(), "kube-system", "coredns", timeout)
     except BaseException:
         stop(folder, {name: p.pid for name, p in processes.items()}, admin_kubeconfig)
         raise
     return {name: p.pid for name, p in processes.items()}
+
+
+def deploy(admin_kubeconfig: Path, documents: list[dict], namespace: str, deployment: str, timeout: float) -> None:
+    """Apply manifests and wait until their Deployment has rolled out."""
+    applied = _kubectl(admin_kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump_all(documents))
+    if applied.returncode != 0:
+        raise NodeError(f"the manifests of {deployment} were refused: {applied.stderr.strip()}")
+    rollout = _kubectl(
+        admin_kubeconfig, "-n", namespace, "rollout", "status", f"deployment/{deployment}", f"--timeout={int(timeout)}s"
+    )
+    if rollout.returncode != 0:
+        logs = _kubectl(admin_kubeconfig, "-n", namespace, "logs", f"deployment/{deployment}", "--tail=20")
+        raise NodeError(
+            f"{deployment} did not become ready: {rollout.stderr.strip() or rollout.stdout.strip()}\n{logs.stdout}"
+        )
 
 
 def stop(folder: Path, pids: dict[str, int], admin_kubeconfig: Path | None = None) -> list[str]:
