@@ -22,7 +22,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 K8S_DIR  := $(BUILD)/k8s
 
 .PHONY: help setup demo test lint format crds docs manifests lock helm bench bench-operator images kind-e2e \
-	k8s-binaries k8s-up k8s-down kuberay-crds node-packages clean
+	k8s-binaries k8s-up k8s-down cluster-demo kuberay-crds node-packages clean
 
 help: ## List targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -67,6 +67,11 @@ node-packages: ## Install the node's container runtime, CNI plugins and image to
 K8S_NODE ?= 1
 k8s-up: $(STAMP) $(HELM) $(if $(filter 1,$(K8S_NODE)),node-packages) k8s-binaries ## Start a control plane and a node (root; kubeconfig: build/k8s/kubeconfig)
 	PATH=$(abspath $(TOOLS)):$$PATH $(BIN)/python -m tests.controlplane up $(K8S_DIR) $(if $(filter 1,$(K8S_NODE)),--node)
+
+cluster-demo: ## The README's one-machine cluster demo: k8s-up, the chart, a BatchInference run in pods, k8s-down (root; KEEP=1 keeps it up)
+	$(MAKE) k8s-up
+	bash tests/e2e/cluster_demo.sh || { $(MAKE) k8s-down; exit 1; }
+	$(if $(filter 1,$(KEEP)),@echo "kept up: make k8s-down when done",$(MAKE) k8s-down)
 
 k8s-down: ## Stop what `make k8s-up` started and undo its host changes
 	test ! -x $(BIN)/python || PATH=$(abspath $(TOOLS)):$$PATH $(BIN)/python -m tests.controlplane down $(K8S_DIR)

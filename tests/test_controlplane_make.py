@@ -1,25 +1,38 @@
-"""`make k8s-up` and `make k8s-down` as the README runs them: a working kubeconfig, a node that runs pods, then
-nothing left behind on the machine."""
+"""The node tier: one `make k8s-up` for the module, as the README runs it (a control plane, a node that runs
+pods, an S3 the pods reach); the chart installed as users install it; the README's cluster demo verbatim, a
+BatchInference running to predictions in pods; then `make k8s-down` leaves nothing behind on the machine.
+
+Tests here run in file order on the one node (each leaves it as it found it)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import boto3
 import psutil
+import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from tests.chart_render import README_INSTALL
-from tests.controlplane import node
+from tests.controlplane import node, object_store
+
+REPO = Path(__file__).resolve().parents[1]
+FOLDER = REPO / "build" / "k8s"  # the README's folder: its steps `source build/k8s/env`
 
 
-def make(target: str, folder: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["make", target, f"K8S_DIR={folder}"], capture_output=True, text=True, timeout=600, check=False
-    )
+def make(target: str) -> subprocess.CompletedProcess:
+    # Cold, k8s-up builds the job image (~5 GB of torch and Ray layers): minutes.
+    return subprocess.run(["make", target], capture_output=True, text=True, timeout=2400, check=False, cwd=REPO)
 
 
 PLATFORM_UPGRADE = " ".join(
@@ -71,8 +84,13 @@ def check_pods_run(kubectl: Path, env: dict[str, str]) -> None:
     assert "Network is unreachable" in out, out  # TEST-NET-1: nothing leaves the machine
 
 
-LOCAL_OPERATOR_IMAGE = (
-    f"--set image.repository={node.IMAGE_PREFIX}/batchinfer-operator --set image.tag=dev --set image.pullPolicy=Never"
+LOCAL_IMAGES = " ".join(
+    [
+        f"--set image.repository={node.IMAGE_PREFIX}/batchinfer-operator --set image.tag=dev",
+        "--set image.pullPolicy=Never",
+        f"--set jobImage.repository={node.IMAGE_PREFIX}/batchinfer-job --set jobImage.tag=dev",
+        "--set jobImage.pullPolicy=Never",
+    ]
 )
 SAMPLE = Path("manifests/samples/resnet152-gpu-s3.yaml")
 
@@ -158,51 +176,386 @@ def check_waiting_jobs_say_why_and_the_wait_is_bounded(kubectl: Path, env: dict[
     assert {("no-image", "ImagePullBackOff"), ("no-image", "ErrImagePull")} & warned, warned
 
 
-def test_make_k8s_up_runs_pods_takes_the_helm_install_and_k8s_down_leaves_nothing(tmp_path: Path) -> None:
-    folder = tmp_path / "k8s"
-    up = make("k8s-up", folder)
-    assert up.returncode == 0, up.stdout + up.stderr
-    state = json.loads((folder / "state.json").read_text())
-    pids, node_pids = state["pids"], state["node"]
-    assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "ray-operator"}
-    assert set(node_pids) == {"containerd", "kube-scheduler", "kubelet", "kube-proxy"}
+@dataclass
+class Node:
+    """The module's `make k8s-up`: its state, kubectl and the environment of `build/k8s/env`."""
+
+    pids: dict[str, int]
+    node_pids: dict[str, int]
+    env: dict[str, str]
+    kubectl: Path
+
+    def k(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        return kubectl_runner(self.kubectl, self.env)(*args, stdin=stdin)
+
+
+def env_file_values(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line.removeprefix("export ").partition("=")
+            values[key] = value
+    return values
+
+
+def s3_client(env: dict[str, str]):
+    """The cluster's S3 as `source build/k8s/env` gives it to every AWS tool."""
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        region_name=env["AWS_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
+
+
+@pytest.fixture(scope="module")
+def up() -> Iterator[Node]:
+    started = make("k8s-up")
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+    assert f"source {FOLDER / 'env'}" in started.stdout, started.stdout[-2000:]
+    state = json.loads((FOLDER / "state.json").read_text())
+    env = {**os.environ, **env_file_values(FOLDER / "env"), "PATH": f"{REPO / 'build' / 'tools'}:{os.environ['PATH']}"}
     try:
-        kubectl = Path("build/tools/kubectl").resolve()
-        env = {**os.environ, "KUBECONFIG": str(folder / "kubeconfig")}
-        check_pods_run(kubectl, env)
-        crds = subprocess.run([str(kubectl), "get", "crd", "-o", "name"], capture_output=True, text=True, env=env)
-        assert crds.returncode == 0, crds.stderr
-        assert "batchinferences.batchinfer.dev" in crds.stdout and "rayjobs.ray.io" in crds.stdout
-        # The README's install command, verbatim, on the chart as shipped, against a real API server; only the
-        # operator image is the one `make k8s-up` built from operator/Dockerfile (as the README's local section says).
-        helm = Path("build/tools/helm").resolve()
-        install = [*README_INSTALL.split()[1:], *LOCAL_OPERATOR_IMAGE.split()]
-        assert README_INSTALL in Path("README.md").read_text()
-        shell_lines = " ".join(Path("README.md").read_text().replace("\\\n", " ").split())  # joined at "\"
-        assert f"{README_INSTALL} {LOCAL_OPERATOR_IMAGE}" in shell_lines
-        installed = subprocess.run([str(helm), *install], capture_output=True, text=True, env=env, timeout=120)
-        assert installed.returncode == 0, installed.stdout + installed.stderr
-        assert "STATUS: deployed" in installed.stdout
-        check_the_operator_pod_is_ready(kubectl, env)
-        assert kubectl_runner(kubectl, env)("apply", "-f", "-", stdin=NO_IMAGE).returncode == 0  # before classes
-        # The platform section's command, verbatim: classes from values, on top of that install.
-        upgrade = PLATFORM_UPGRADE.split()
-        assert " ".join(upgrade) in Path("README.md").read_text()
-        upgrade += LOCAL_OPERATOR_IMAGE.split()
-        upgraded = subprocess.run([str(helm), *upgrade[1:]], capture_output=True, text=True, env=env, timeout=120)
-        assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
-        shown = subprocess.run([str(kubectl), "get", "bic"], capture_output=True, text=True, env=env)
-        rows = {line.split()[0]: line.split()[1:-1] for line in shown.stdout.splitlines()[1:]}
-        assert rows == {"cpu": ["true", "0"], "gpu": ["8"], "gpu-a100": ["8"]}, shown.stdout + shown.stderr
-        check_the_operator_turns_the_sample_into_a_rayjob(kubectl, env)  # the sample names the `gpu` class
-        check_waiting_jobs_say_why_and_the_wait_is_bounded(kubectl, env)
-        for pid in [*pids.values(), *node_pids.values()]:  # every listener on loopback or the node's address
-            for conn in psutil.Process(pid).net_connections(kind="inet"):
-                if conn.status == psutil.CONN_LISTEN:
-                    assert conn.laddr.ip in ("127.0.0.1", node.GATEWAY), conn
+        yield Node(state["pids"], state["node"], env, REPO / "build" / "tools" / "kubectl")
     finally:
-        down = make("k8s-down", folder)
+        if (FOLDER / "state.json").exists():  # a test before the last one failed: still leave nothing behind
+            make("k8s-down")
+
+
+def test_make_k8s_up_runs_pods_and_an_s3_both_sides_reach(up: Node) -> None:
+    assert set(up.pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "s3"}
+    assert set(up.node_pids) == {"containerd", "kube-scheduler", "kubelet", "kube-proxy"}
+    check_pods_run(up.kubectl, up.env)
+    # KubeRay as users run it: the module's own Deployment and ServiceAccount, from the binary built here.
+    pod = json.loads(up.k("-n", "kuberay-system", "get", "pods", "-o", "json").stdout)["items"][0]
+    assert pod["spec"]["serviceAccountName"] == "kuberay-operator"
+    assert pod["spec"]["containers"][0]["image"] == f"{node.IMAGE_PREFIX}/kuberay-operator:v1.6.1"
+    assert all(c["ready"] for c in pod["status"]["containerStatuses"]), pod["status"]
+    crds = up.k("get", "crd", "-o", "name")
+    assert crds.returncode == 0, crds.stderr
+    assert "batchinferences.batchinfer.dev" in crds.stdout and "rayjobs.ray.io" in crds.stdout
+    env = env_file_values(FOLDER / "env")
+    assert env["KUBECONFIG"] == str(FOLDER / "kubeconfig")
+    assert env["AWS_ENDPOINT_URL"] == env["BATCHINFER_S3_ENDPOINT_IN_CLUSTER"] == object_store.S3_ENDPOINT
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"} <= set(env)
+    s3 = s3_client(env)
+    s3.put_object(Bucket=object_store.DEMO_BUCKET, Key="from-host.txt", Body=b"hello")
+    pod = "s3-probe"
+    fetch = f"wget -q -O- {env['BATCHINFER_S3_ENDPOINT_IN_CLUSTER']}/{object_store.DEMO_BUCKET}/from-host.txt"
+    ran = up.k(
+        "run", pod, "--restart=Never", f"--image={BUSYBOX}", "--image-pull-policy=Never", "--", "sh", "-c", fetch
+    )
+    assert ran.returncode == 0, ran.stderr
+    eventually_phase = time.monotonic() + 60
+    while time.monotonic() < eventually_phase:
+        phase = up.k("get", "pod", pod, "-o", "jsonpath={.status.phase}").stdout
+        if phase in ("Succeeded", "Failed"):
+            break
+        time.sleep(1)
+    assert phase == "Succeeded" and up.k("logs", pod).stdout == "hello", (phase, up.k("logs", pod))
+    up.k("delete", "pod", pod, "--wait=false")
+
+
+def test_the_chart_installs_as_the_readme_says_and_waiting_jobs_say_why(up: Node) -> None:
+    """The README's install command, verbatim, on the chart as shipped, against a real API server; only the
+    images are the ones `make k8s-up` built from the Dockerfiles (as the README's local section says)."""
+    helm = REPO / "build" / "tools" / "helm"
+    readme = (REPO / "README.md").read_text()
+    install = [*README_INSTALL.split()[1:], *LOCAL_IMAGES.split()]
+    assert README_INSTALL in readme
+    assert f"{README_INSTALL} {LOCAL_IMAGES}" in " ".join(readme.replace("\\\n", " ").split())  # joined at "\"
+    installed = subprocess.run([str(helm), *install], capture_output=True, text=True, env=up.env, timeout=120)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    assert "STATUS: deployed" in installed.stdout
+    check_the_operator_pod_is_ready(up.kubectl, up.env)
+    assert up.k("apply", "-f", "-", stdin=NO_IMAGE).returncode == 0  # before classes
+    # The platform section's command, verbatim: classes from values, on top of that install.
+    upgrade = PLATFORM_UPGRADE.split()
+    assert " ".join(upgrade) in readme
+    upgraded = subprocess.run(
+        [str(helm), *upgrade[1:], *LOCAL_IMAGES.split()], capture_output=True, text=True, env=up.env, timeout=120
+    )
+    assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
+    shown = up.k("get", "bic")
+    rows = {line.split()[0]: line.split()[1:-1] for line in shown.stdout.splitlines()[1:]}
+    assert rows == {"cpu": ["true", "0"], "gpu": ["8"], "gpu-a100": ["8"]}, shown.stdout + shown.stderr
+    check_the_operator_turns_the_sample_into_a_rayjob(up.kubectl, up.env)  # the sample names the `gpu` class
+    check_waiting_jobs_say_why_and_the_wait_is_bounded(up.kubectl, up.env)
+    # What follows runs real jobs: leave the node as the README's demo finds it (the chart, no namespace).
+    assert up.k("delete", "namespace", "ml-batch", "--timeout=120s").returncode == 0
+    assert up.k("delete", "bic", "--all").returncode == 0
+    assert subprocess.run([str(helm), "uninstall", "batchinfer", "-n", "batchinfer-system", "--wait"], env=up.env,
+                          capture_output=True, timeout=180).returncode == 0  # fmt: skip
+    assert up.k("delete", "namespace", "batchinfer-system", "--timeout=120s").returncode == 0
+
+
+DEMO_SCRIPT = REPO / "tests" / "e2e" / "cluster_demo.sh"
+
+
+def demo_commands() -> list[str]:
+    lines = DEMO_SCRIPT.read_text().splitlines()
+    return [line for line in lines[lines.index("set -x") + 1 :] if line.strip()]
+
+
+def readme_demo_block() -> list[str]:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### A real cluster on one machine") :]
+    block = re.search(r"```bash\n(make k8s-up\b.*?)```", section, re.S)
+    assert block, "the README's cluster section has no bash block starting with make k8s-up"
+    lines = block[1].replace("\\\n", " ").splitlines()
+    return [" ".join(line.split("  #")[0].split()) for line in lines if line.strip()]
+
+
+def test_the_readme_cluster_demo_is_what_make_cluster_demo_runs() -> None:
+    assert readme_demo_block() == [
+        "make k8s-up",
+        *(" ".join(c.split()) for c in demo_commands()),
+        "make k8s-down",
+    ]
+    recipe = re.search(r"^cluster-demo:.*\n((?:\t.*\n)+)", (REPO / "Makefile").read_text(), re.M)
+    assert recipe and "k8s-up" in recipe[1] and "bash tests/e2e/cluster_demo.sh" in recipe[1]
+    assert "k8s-down" in recipe[1]
+
+
+class StatusWatch:
+    """What `kubectl get bi -w` would show: every distinct (phase, progress) of one BatchInference."""
+
+    def __init__(self, node: Node, namespace: str, name: str) -> None:
+        self.node, self.namespace, self.name = node, namespace, name
+        self.seen: list[tuple[str, str]] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.done.is_set():
+            got = self.node.k("-n", self.namespace, "get", "bi", self.name, "-o", "json")
+            if got.returncode == 0:
+                status = json.loads(got.stdout).get("status", {})
+                seen = (status.get("phase", ""), status.get("progress", {}).get("display", ""))
+                if not self.seen or self.seen[-1] != seen:
+                    self.seen.append(seen)
+            self.done.wait(1)
+
+    def stop(self) -> list[tuple[str, str]]:
+        self.done.set()
+        self.thread.join()
+        return self.seen
+
+
+def test_the_readme_cluster_demo_runs_a_batchinference_to_predictions_in_pods(up: Node) -> None:
+    """kubectl apply → RayJob → RayCluster → head and worker pods → submitter → predictions on S3: every input
+    once, the corrupt one an error row; progress written by the job from inside the head pod; then the
+    RayCluster and its pods gone after ttlSecondsAfterFinished."""
+    watch = StatusWatch(up, "demo", "local-cluster")
+    try:
+        demo = subprocess.run(
+            ["bash", str(DEMO_SCRIPT)], capture_output=True, text=True, env=up.env, cwd=REPO, timeout=1200
+        )
+    finally:
+        seen = watch.stop()
+    diagnosis = up.k("-n", "demo", "get", "bi,rayjob,raycluster,pods", "-o", "wide").stdout
+    logs = up.k("-n", "batchinfer-system", "logs", "deploy/batchinfer", "--tail=40").stdout
+    assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:] + diagnosis + logs
+    assert re.search(r"local-cluster\s+\S*\s*Succeeded\s+97/97", demo.stdout), demo.stdout[-2000:]
+    assert "s3://demo/predictions/: 97 inputs, 96 predicted, 1 error rows" in demo.stdout, demo.stdout[-2000:]
+    assert re.search(r"chelsea\s+(tabby|tiger cat|Egyptian cat)", demo.stdout), demo.stdout[-2000:]
+    # Progress before the end: only the job, from its head pod, writes status.progress.
+    running = [display for phase, display in seen if phase == "Running" and display]
+    assert running, seen
+
+    s3 = s3_client(env_file_values(FOLDER / "env"))
+    listed = s3.list_objects_v2(Bucket="demo", Prefix="images/")["Contents"]
+    inputs = {f"s3://demo/{o['Key']}" for o in listed}
+    manifest = json.loads(s3.get_object(Bucket="demo", Key="predictions/_SUCCESS.json")["Body"].read())
+    rows = []
+    for shard in manifest["shards"]:
+        body = s3.get_object(Bucket="demo", Key=f"predictions/{shard['file']}")["Body"].read()
+        rows += pq.read_table(io.BytesIO(body)).to_pylist()
+    assert sorted(r["key"] for r in rows) == sorted(inputs)  # every input exactly once
+    errors = [r for r in rows if r["error"] is not None]
+    assert [r["key"] for r in errors] == ["s3://demo/images/corrupt_000.jpg"], errors
+
+    bi = json.loads(up.k("-n", "demo", "get", "bi", "local-cluster", "-o", "json").stdout)
+    conditions = {c["type"]: c["status"] for c in bi["status"]["conditions"]}
+    assert conditions == {"Running": "False", "Succeeded": "True", "Failed": "False"}, bi["status"]
+    events = json.loads(up.k("-n", "demo", "get", "events", "-o", "json").stdout)["items"]
+    reasons = {e["reason"] for e in events if e["involvedObject"]["name"] == "local-cluster"}
+    assert {"Created", "Running", "Succeeded"} <= reasons, reasons
+    # ttlSecondsAfterFinished: 30 in the sample; KubeRay deletes the RayCluster, the GC its pods.
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        left = up.k("-n", "demo", "get", "raycluster,pods", "-o", "name").stdout.split()
+        if not left:
+            break
+        time.sleep(3)
+    assert not left, left
+    assert up.k("-n", "demo", "get", "rayjob", "-o", "name").stdout.strip(), "the RayJob is kept"
+
+
+SAMPLE_DEMO = REPO / "manifests" / "samples" / "local-cluster.yaml"
+DEMO_INPUTS = 97  # the demo's photos: 12 of each of 8, and one corrupt file
+
+
+def demo_variant(name: str, namespace: str, **spec: object) -> str:
+    """The cluster demo's sample under another name and output prefix, with `spec` fields replaced."""
+    body = yaml.safe_load(SAMPLE_DEMO.read_text())
+    body["metadata"] = {"name": name, "namespace": namespace}
+    body["spec"]["output"]["uri"] = f"s3://demo/{name}/"
+    body["spec"].update(spec)
+    return yaml.safe_dump(body)
+
+
+def job_namespace(up: Node, name: str, labels: dict[str, str] | None = None) -> None:
+    """A namespace holding the demo's S3 Secret, as the README's steps make it."""
+    assert up.k("create", "namespace", name).returncode == 0
+    for key, value in (labels or {}).items():
+        assert up.k("label", "namespace", name, f"{key}={value}").returncode == 0
+    env = env_file_values(FOLDER / "env")
+    secret = [f"--from-literal={k}={env[k]}" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+    assert up.k("-n", name, "create", "secret", "generic", "demo-s3", *secret).returncode == 0
+
+
+def bi_status(up: Node, namespace: str, name: str) -> dict:
+    got = up.k("-n", namespace, "get", "bi", name, "-o", "json")
+    return json.loads(got.stdout).get("status", {}) if got.returncode == 0 else {}
+
+
+def processed(status: dict) -> int:
+    """Rows the job reported committed (`status.progress.display` is `done/total (pct)`)."""
+    match = re.match(r"(\d+)/", status.get("progress", {}).get("display", ""))
+    return int(match[1]) if match else 0
+
+
+def wait_for(up: Node, what: str, check, timeout: float, namespace: str) -> dict:
+    """Poll `check(status)` on the only BatchInference of `namespace` until it holds; the status it held on."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        items = json.loads(up.k("-n", namespace, "get", "bi", "-o", "json").stdout or "{}").get("items", [])
+        status = items[0].get("status", {}) if items else {}
+        if check(status):
+            return status
+        time.sleep(2)
+    pods = up.k("-n", namespace, "get", "bi,rayjob,raycluster,pods", "-o", "wide").stdout
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last status {status}\n{pods}")
+
+
+def pod_names(up: Node, namespace: str, selector: str) -> list[str]:
+    return up.k("-n", namespace, "get", "pods", "-l", selector, "-o", "name").stdout.split()
+
+
+def committed_keys(name: str) -> tuple[list[str], dict]:
+    s3 = s3_client(env_file_values(FOLDER / "env"))
+    manifest = json.loads(s3.get_object(Bucket="demo", Key=f"{name}/_SUCCESS.json")["Body"].read())
+    keys = []
+    for shard in manifest["shards"]:
+        body = s3.get_object(Bucket="demo", Key=f"{name}/{shard['file']}")["Body"].read()
+        keys += pq.read_table(io.BytesIO(body), columns=["key"]).column("key").to_pylist()
+    return keys, manifest
+
+
+def demo_inputs() -> list[str]:
+    s3 = s3_client(env_file_values(FOLDER / "env"))
+    return sorted(f"s3://demo/{o['Key']}" for o in s3.list_objects_v2(Bucket="demo", Prefix="images/")["Contents"])
+
+
+def test_a_restricted_namespace_job_survives_losing_its_worker_and_the_operator_pod(up: Node) -> None:
+    """Pod Security `restricted` admits every pod of the job; a worker pod killed mid-run (no grace) and the
+    operator pod deleted mid-run: the job still finishes with every input exactly once, the Deployment brings
+    the operator back, no second RayJob is made, and progress keeps moving."""
+    namespace = "restricted-demo"
+    job_namespace(up, namespace, {"pod-security.kubernetes.io/enforce": "restricted"})
+    assert up.k("apply", "-f", "-", stdin=demo_variant("survivor", namespace)).returncode == 0
+    first = wait_for(up, "the first committed shard", lambda s: 0 < processed(s) < DEMO_INPUTS, 600, namespace)
+    workers = pod_names(up, namespace, "ray.io/node-type=worker")
+    operators = pod_names(up, "batchinfer-system", "app.kubernetes.io/name=batchinfer")
+    assert len(workers) == 1 and len(operators) == 1, (workers, operators)
+    killed = up.k("-n", namespace, "delete", workers[0], "--grace-period=0", "--force")
+    assert killed.returncode == 0, killed.stderr
+    assert up.k("-n", "batchinfer-system", "delete", operators[0], "--wait=false").returncode == 0
+    done = wait_for(up, "Succeeded", lambda s: s.get("phase") in ("Succeeded", "Failed"), 900, namespace)
+    assert done["phase"] == "Succeeded", done
+    assert processed(done) == DEMO_INPUTS > processed(first), (first, done)
+    keys, manifest = committed_keys("survivor")
+    assert sorted(keys) == demo_inputs(), "every input exactly once"
+    assert manifest["counts"]["failed"] == 1, manifest["counts"]
+    assert len(up.k("-n", namespace, "get", "rayjobs", "-o", "name").stdout.split()) == 1  # no second RayJob
+    now = pod_names(up, "batchinfer-system", "app.kubernetes.io/name=batchinfer")
+    assert len(now) == 1 and now != operators, (operators, now)
+    events = json.loads(up.k("-n", namespace, "get", "events", "-o", "json").stdout)["items"]
+    assert not [e for e in events if e["reason"] == "FailedCreate" and "PodSecurity" in e.get("message", "")]
+    assert up.k("delete", "namespace", namespace, "--timeout=180s").returncode == 0
+
+
+def test_losing_the_head_retries_the_job_and_resumes_its_committed_shards(up: Node) -> None:
+    """backoffLimit 1 and the head pod killed mid-run: phase Retrying, then Succeeded; the second attempt
+    skipped the shards the first committed; every input exactly once."""
+    namespace = "retry-demo"
+    job_namespace(up, namespace)
+    assert up.k("apply", "-f", "-", stdin=demo_variant("resumer", namespace, backoffLimit=1)).returncode == 0
+    wait_for(up, "the first committed shard", lambda s: 0 < processed(s) < DEMO_INPUTS, 600, namespace)
+    (head,) = pod_names(up, namespace, "ray.io/node-type=head")
+    assert up.k("-n", namespace, "delete", head, "--grace-period=0", "--force").returncode == 0
+    phases = []
+
+    def finished(status: dict) -> bool:
+        if not phases or phases[-1] != status.get("phase"):
+            phases.append(status.get("phase"))
+        return status.get("phase") in ("Succeeded", "Failed")
+
+    done = wait_for(up, "Succeeded after a retry", finished, 1200, namespace)
+    assert done["phase"] == "Succeeded" and "Retrying" in phases, (done, phases)
+    keys, manifest = committed_keys("resumer")
+    assert sorted(keys) == demo_inputs(), "every input exactly once"
+    assert manifest["attempt"]["resumed"] > 0, manifest["attempt"]
+    assert up.k("delete", "namespace", namespace, "--timeout=180s").returncode == 0
+
+
+def test_a_passed_deadline_fails_the_job_and_removes_its_rayjob_and_pods(up: Node) -> None:
+    namespace = "deadline-demo"
+    job_namespace(up, namespace)
+    assert up.k("apply", "-f", "-", stdin=demo_variant("late", namespace, activeDeadlineSeconds=20)).returncode == 0
+    done = wait_for(up, "Failed", lambda s: s.get("phase") in ("Succeeded", "Failed"), 300, namespace)
+    assert done["phase"] == "Failed" and done["reason"] == "DeadlineExceeded", done
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        left = up.k("-n", namespace, "get", "rayjob,raycluster,pods", "-o", "name").stdout.split()
+        if not left:
+            break
+        time.sleep(3)
+    assert not left, left  # with the chart's RBAC, the operator deleted the RayJob; the GC took the rest
+    assert up.k("delete", "namespace", namespace, "--timeout=180s").returncode == 0
+
+
+def test_deleting_a_batchinference_mid_run_removes_every_pod_and_leaves_storage_alone(up: Node) -> None:
+    namespace = "dropped-demo"
+    job_namespace(up, namespace)
+    assert up.k("apply", "-f", "-", stdin=demo_variant("dropped", namespace)).returncode == 0
+    wait_for(up, "the first committed shard", lambda s: 0 < processed(s) < DEMO_INPUTS, 600, namespace)
+    s3 = s3_client(env_file_values(FOLDER / "env"))
+    written = {o["Key"] for o in s3.list_objects_v2(Bucket="demo", Prefix="dropped/").get("Contents", [])}
+    assert up.k("-n", namespace, "delete", "bi", "dropped", "--timeout=120s").returncode == 0
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        left = up.k("-n", namespace, "get", "rayjob,raycluster,pods", "-o", "name").stdout.split()
+        if not left:
+            break
+        time.sleep(3)
+    assert not left, left
+    assert demo_inputs() and len(demo_inputs()) == DEMO_INPUTS
+    after = {o["Key"] for o in s3.list_objects_v2(Bucket="demo", Prefix="dropped/").get("Contents", [])}
+    assert written and written <= after, (written, after)  # committed shards are kept for a rerun to resume
+    assert up.k("delete", "namespace", namespace, "--timeout=180s").returncode == 0
+
+
+def test_make_k8s_down_leaves_nothing(up: Node) -> None:
+    for pid in [*up.pids.values(), *up.node_pids.values()]:  # every listener on loopback or the node's address
+        for conn in psutil.Process(pid).net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN:
+                assert conn.laddr.ip in ("127.0.0.1", node.GATEWAY), conn
+    down = make("k8s-down")
     assert down.returncode == 0, down.stdout + down.stderr
-    assert "stopped: etcd, kube-apiserver, kube-controller-manager, ray-operator, containerd" in down.stdout
+    assert "stopped: etcd, kube-apiserver, kube-controller-manager, s3, containerd" in down.stdout
     # processes, mounts, links, iptables rules, namespaces, cgroups, sysctls, the kubelet's fixed paths
-    assert node.leftovers(folder, [*pids.values(), *node_pids.values()]) == []
+    assert node.leftovers(FOLDER, [*up.pids.values(), *up.node_pids.values()]) == []
