@@ -22,7 +22,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 K8S_DIR  := $(BUILD)/k8s
 
 .PHONY: help setup demo test lint format crds docs manifests lock helm bench bench-operator images kind-e2e \
-	k8s-binaries k8s-up k8s-down cluster-demo kuberay-crds node-packages clean
+	k8s-binaries k8s-images k8s-up k8s-down cluster-demo kuberay-crds node-packages clean
 
 help: ## List targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -48,7 +48,7 @@ demo: $(STAMP) ## Run the quickstart BatchInference locally and print a summary
 	test -f $(BUILD)/demo/images/corrupt_000.jpg || $(BIN)/batchinfer demo-data $(BUILD)/demo/images
 	$(BIN)/batchinfer run manifests/samples/quickstart.yaml
 
-test: $(STAMP) $(HELM) node-packages k8s-binaries ## Run the whole test suite (starts its own control plane, node, S3 and Ray; root)
+test: $(STAMP) $(HELM) node-packages k8s-binaries k8s-images ## Run the whole test suite (starts its own control plane, node, S3 and Ray; root)
 	PATH=$(abspath $(TOOLS)):$$PATH $(BIN)/pytest -q
 
 k8s-binaries: ## Build the control plane, KubeRay and the node (kubelet, scheduler, proxy, CoreDNS) from Go modules (cached per machine)
@@ -63,9 +63,13 @@ node-packages: ## Install the node's container runtime, CNI plugins and image to
 	@dpkg-query -W -f='$${Status}\n' $(NODE_PACKAGES) 2>/dev/null | grep -c "ok installed" | grep -qx $(words $(NODE_PACKAGES)) || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(NODE_PACKAGES) >/dev/null; }
 
+# Cold, the job image takes minutes (about 5 GB of torch and Ray); warm, only changed layers are rebuilt.
+k8s-images: $(STAMP) node-packages ## Build the operator and job images from their Dockerfiles with buildah (root; cached per machine)
+	$(BIN)/python -m tests.controlplane images
+
 # K8S_NODE=0: the control plane alone (no root needed; pods stay Pending).
 K8S_NODE ?= 1
-k8s-up: $(STAMP) $(HELM) $(if $(filter 1,$(K8S_NODE)),node-packages) k8s-binaries ## Start a control plane and a node (root; kubeconfig: build/k8s/kubeconfig)
+k8s-up: $(STAMP) $(HELM) $(if $(filter 1,$(K8S_NODE)),node-packages k8s-images) k8s-binaries ## Start a control plane and a node (root; kubeconfig: build/k8s/kubeconfig)
 	PATH=$(abspath $(TOOLS)):$$PATH $(BIN)/python -m tests.controlplane up $(K8S_DIR) $(if $(filter 1,$(K8S_NODE)),--node)
 
 cluster-demo: ## The README's one-machine cluster demo: k8s-up, the chart, a BatchInference run in pods, k8s-down (root; KEEP=1 keeps it up)

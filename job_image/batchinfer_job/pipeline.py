@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import ray.data
 import ray.exceptions
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from batchinfer_job import capacity, commit, inputs, reading, stall, storage
 from batchinfer_job.decode import decode_batch, fetch_batch
@@ -397,7 +398,10 @@ def plan_reading(
             continue  # every row of it is committed: not read again
         todo.append(partition)
     done = {p.id: [[store.location.child(f).uri, a, n] for f, a, n in spans[p.id]] for p in todo if p.id in spans}
-    actor = reading.PartitionLedger.remote()  # type: ignore[attr-defined]
+    # The job's bookkeeping lives and dies with the driver: placed on a worker node, it died with that node
+    # and took the job with it (a worker pod lost mid-run on a real cluster).
+    on_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = reading.PartitionLedger.options(scheduling_strategy=on_driver).remote()  # type: ignore[attr-defined]
     ledger = Ledger([p.id for p in partitions], dict(listed), actor)
     ledger.recorded.update(listed)
     return ReadPlan(todo, done, actor), ledger

@@ -37,6 +37,7 @@ REPO = HERE.parents[1]
 VENDORED_KUBERAY = REPO / "manifests" / "kuberay"
 OUR_CRDS = REPO / "manifests" / "crds"
 STATE_FILE = "state.json"
+IMAGES = REPO / "build" / "images"  # the project's images as OCI archives (make k8s-images)
 
 
 @dataclass
@@ -125,7 +126,7 @@ def start(folder: Path, timeout: float = 180, with_node: bool = False) -> Contro
     processes: dict[str, subprocess.Popen] = {}
     if with_node:
         images = node.node_images(Path(node_bins) / "images", Path(node_bins))
-        images.update(node.project_images(REPO / "build" / "images"))
+        images.update(node.project_images(IMAGES))
         files, image_config = kuberay.image_content(bin_dir)
         name, tag = kuberay.image_ref().split(":")
         images[kuberay.image_ref()] = node.oci_image(Path(node_bins) / "images", name, tag, files, image_config)
