@@ -228,8 +228,11 @@ def _build_dataset(spec: BatchInferenceSpec, plan: ReadPlan, shares: capacity.St
         batch_format="numpy",
         num_cpus=compute.cpusPerActor,
         num_gpus=compute.gpusPerActor,
-        max_restarts=TASK_RETRIES,
-        max_task_retries=TASK_RETRIES,
+        max_restarts=TASK_RETRIES,  # finite: an actor that keeps dying (a poisoned batch) fails the job
+        # A call waits for the actor's restart however long that takes (-1: bounded by max_restarts). With a finite
+        # count, a lost worker pod failed the job: calls to the actor on the dead node were refused within
+        # seconds, long before a new worker pod joined and the actor could restart there.
+        max_task_retries=-1,
     )
 
 
