@@ -63,13 +63,14 @@ node-packages: ## Install the node's container runtime, CNI plugins and image to
 	@dpkg-query -W -f='$${Status}\n' $(NODE_PACKAGES) 2>/dev/null | grep -c "ok installed" | grep -qx $(words $(NODE_PACKAGES)) || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(NODE_PACKAGES) >/dev/null; }
 
-# Cold, the job image takes minutes (about 5 GB of torch and Ray); warm, only changed layers are rebuilt.
+# Cold, the job image takes minutes (about 5 GB of torch and Ray); warm, only changed layers are rebuilt. `make test`
+# builds them before pytest (a cold build outlasts a test's timeout); `make k8s-up` builds them as it starts.
 k8s-images: $(STAMP) node-packages ## Build the operator and job images from their Dockerfiles with buildah (root; cached per machine)
 	$(BIN)/python -m tests.controlplane images
 
 # K8S_NODE=0: the control plane alone (no root needed; pods stay Pending).
 K8S_NODE ?= 1
-k8s-up: $(STAMP) $(HELM) $(if $(filter 1,$(K8S_NODE)),node-packages k8s-images) k8s-binaries ## Start a control plane and a node (root; kubeconfig: build/k8s/kubeconfig)
+k8s-up: $(STAMP) $(HELM) $(if $(filter 1,$(K8S_NODE)),node-packages) k8s-binaries ## Start a control plane and a node (root; kubeconfig: build/k8s/kubeconfig)
 	PATH=$(abspath $(TOOLS)):$$PATH $(BIN)/python -m tests.controlplane up $(K8S_DIR) $(if $(filter 1,$(K8S_NODE)),--node)
 
 cluster-demo: ## The README's one-machine cluster demo: k8s-up, the chart, a BatchInference run in pods, k8s-down (root; KEEP=1 keeps it up)
