@@ -31,7 +31,7 @@ setup: $(STAMP) ## Create .venv with pinned dependencies (idempotent)
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[job,operator,dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[job,gpu-decode,operator,dev]'
 	touch $@
 
 $(HELM):
@@ -115,7 +115,7 @@ manifests: crds $(HELM) ## Regenerate manifests/rbac from the chart and the Argo
 
 lock: ## Re-resolve and pin every dependency into requirements.lock
 	rm -rf $(BUILD)/lockenv && $(PYTHON) -m venv $(BUILD)/lockenv
-	$(BUILD)/lockenv/bin/pip install --quiet -e '.[job,operator,dev]'
+	$(BUILD)/lockenv/bin/pip install --quiet -e '.[job,gpu-decode,operator,dev]'
 	{ echo "# Exact versions for every environment (make setup installs with -c requirements.lock)."; \
 	  echo "# Regenerate: make lock"; $(BUILD)/lockenv/bin/pip freeze --exclude-editable | grep -v '^-e'; } > requirements.lock
 

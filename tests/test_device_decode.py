@@ -10,6 +10,7 @@ import io
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ def uri_batch(paths: list[Path]) -> dict[str, np.ndarray]:
     return {"key": names, "uri": names}
 
 
-DECODERS = {"torchcodec": device_decode.torchcodec_decoder(), "torchvision": device_decode.torchvision_decoder()}
+DECODERS = {name: make() for name, make in device_decode.DECODERS.items()}  # every one: the dev venv has them all
 
 
 def on_device(batch: dict[str, np.ndarray], max_pixels: int = 10**9, decoder: str = device_decode.JPEG_DECODER_NAME):
@@ -125,17 +126,34 @@ def test_device_pixels_match_tasks_to_rounding(photo_dir: Path, decoder: str) ->
     assert diff.max() <= 2 and (diff > 0).mean() < 0.01  # PIL rounds in fixed point; we in float
 
 
-def test_torchvision_decodes_where_torchcodec_cannot_load(
+def test_nvimgcodec_is_preferred_then_torchcodec_then_torchvision(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def unloadable() -> device_decode.JpegDecoder:
-        raise RuntimeError("Could not load libtorchcodec: built for another torch")
+    def unloadable(why: str) -> Callable[[], device_decode.JpegDecoder]:
+        def make() -> device_decode.JpegDecoder:
+            raise ImportError(why)
 
-    assert device_decode.JPEG_DECODER_NAME == "torchcodec"  # what this project's image installs
-    monkeypatch.setattr(device_decode, "torchcodec_decoder", unloadable)
-    with caplog.at_level("WARNING", logger="batchinfer.device_decode"):
-        name, _ = device_decode.pick_jpeg_decoder()
-    assert name == "torchvision" and "built for another torch" in caplog.text
+        return make
+
+    assert device_decode.JPEG_DECODER_NAME == "nvimgcodec"  # what this project's image installs
+    decoders = dict(device_decode.DECODERS)
+    monkeypatch.setattr(device_decode, "DECODERS", decoders)
+    decoders["nvimgcodec"] = unloadable("No module named 'nvidia.nvimgcodec'")
+    with caplog.at_level("INFO", logger="batchinfer.device_decode"):
+        assert device_decode.pick_jpeg_decoder()[0] == "torchcodec"
+    assert "name=nvimgcodec" in caplog.text and "nvidia.nvimgcodec" in caplog.text
+    assert "jpeg_decoder=torchcodec" in caplog.text  # the one in use, in the actor's log
+    decoders["torchcodec"] = unloadable("Could not load libtorchcodec: built for another torch")
+    assert device_decode.pick_jpeg_decoder()[0] == "torchvision"
+    assert "built for another torch" in caplog.text
+
+
+def test_the_decoder_can_be_chosen_and_a_wrong_name_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(device_decode.DECODER_ENV, "torchvision")
+    assert device_decode.pick_jpeg_decoder()[0] == "torchvision"
+    monkeypatch.setenv(device_decode.DECODER_ENV, "nvjpeg")
+    with pytest.raises(ValueError, match="BATCHINFER_JPEG_DECODER='nvjpeg': use one of nvimgcodec, torchcodec"):
+        device_decode.pick_jpeg_decoder()
 
 
 def test_a_batch_in_bytes_decodes_like_the_same_files_by_uri(photo_dir: Path) -> None:
@@ -236,3 +254,33 @@ def test_quickstart_top1_agrees_between_tasks_and_device(tmp_path: Path) -> None
     predicted = [k for k, v in tasks.items() if v[1] is None]
     agree = sum(tasks[k][0] == device[k][0] for k in predicted)
     assert agree >= 0.99 * len(predicted), f"top-1 agrees on {agree} of {len(predicted)}"
+
+
+@pytest.fixture(scope="module")
+def quickstart_tasks(tmp_path_factory: pytest.TempPathFactory) -> tuple[TorchPredictor, list[Path], list]:
+    """The quickstart's model (pretrained EfficientNet-Lite0) and photos, and its top-1 with the tasks decoder."""
+    photos = tmp_path_factory.mktemp("quickstart")
+    paths = sorted(write_demo_images(photos))
+    actor = TorchPredictor(PredictorConfig(model={"packaged": "efficientnet_lite0"}, threads=2))
+    tasks = decode_batch(uri_batch(paths), preprocess=actor.preprocess)
+    return actor, paths, top1(actor, tasks["image"], tasks["error"])
+
+
+def top1(actor: TorchPredictor, images: np.ndarray | torch.Tensor, errors) -> list:
+    """Each row's top-1 class, or its error kind."""
+    ok = [i for i, e in enumerate(errors) if not e]
+    classes = np.concatenate([actor.predict_uint8(images[ok[i : i + 64]])[0][:, 0] for i in range(0, len(ok), 64)])
+    by_row = dict(zip(ok, classes.tolist(), strict=True))
+    return [by_row.get(i, kind(e)) for i, e in enumerate(errors)]
+
+
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
+def test_quickstart_top1_agrees_with_tasks_for_every_decoder(quickstart_tasks, decoder: str) -> None:
+    """Each decoder in the model actor as Ray would run it, without Ray: the same error rows, top-1 >= 99 %."""
+    actor, paths, tasks = quickstart_tasks
+    _, images, errors = on_device(uri_batch(paths), decoder=decoder)
+    device = top1(actor, torch.from_numpy(images), errors)
+    assert len(paths) == 321 and [c for c in tasks if isinstance(c, str)] == [c for c in device if isinstance(c, str)]
+    predicted = [i for i, c in enumerate(tasks) if not isinstance(c, str)]
+    agree = sum(tasks[i] == device[i] for i in predicted)
+    assert agree >= 0.99 * len(predicted), f"{decoder}: top-1 agrees on {agree} of {len(predicted)}"

@@ -1,37 +1,77 @@
 """Model-actor stage of compute.decode=device: a batch of encoded images → uint8 crops on the model's device.
 
-JPEGs the CPU stage marked decodable (`decode.device_decodable`) are decoded in one batched call on the device
-(TorchCodec, or torchvision.io where TorchCodec cannot load: nvJPEG on a GPU, libjpeg-turbo on a CPU), then
-resized and centre-cropped together: two batched matrix products with PIL's own resampling weights for the whole
-batch (per-image resizes cost a kernel set each and capped a GPU below the model's rate). Everything else — PNG,
-WebP, CMYK, a JPEG the device refuses or warns about — takes the tasks decoder (`decode.decode_image`) in the
-actor, so a row fails or succeeds exactly as it would with compute.decode=tasks; nothing is lost.
+JPEGs the CPU stage marked decodable (`decode.device_decodable`) are decoded in one batched call on the device,
+by the first decoder that loads (`pick_jpeg_decoder`): nvImageCodec (the `gpu-decode` extra: the GPU's hardware
+JPEG engines where it has them, nvJPEG on its CUDA cores otherwise, libjpeg-turbo on a CPU), TorchCodec, or
+torchvision.io. They are then resized and centre-cropped together: two batched matrix products with PIL's own
+resampling weights for the whole batch (per-image resizes cost a kernel set each and capped a GPU below the
+model's rate). Everything else — PNG, WebP, CMYK, a JPEG the device refuses or warns about — takes the tasks
+decoder (`decode.decode_image`) in the actor, so a row fails or succeeds exactly as it would with
+compute.decode=tasks; nothing is lost.
 
 Pixels match the tasks path except where a sum lands within float rounding of .5 (PIL sums in fixed point):
-agreement is checked on pixels and predictions (tests/test_device_decode.py).
+agreement is checked on pixels and predictions, for every decoder (tests/test_device_decode.py).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from batchinfer_job.decode import DECODE_ERRORS, Preprocess, crop_span, decode_image, resized_size
 
 log = logging.getLogger("batchinfer.device_decode")
 PAD_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}  # float32 padded images per batched resize
-JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
+# Encoded images → RGB uint8 (3, H, W) on the device, None where the decoder could not decode that image.
+JpegDecoder = Callable[[Sequence[bytes], torch.device], list[torch.Tensor | None]]
+DECODER_ENV = "BATCHINFER_JPEG_DECODER"  # nvimgcodec | torchcodec | torchvision: use that one or fail
+
+
+def nvimgcodec_decoder() -> JpegDecoder:
+    """nvImageCodec: one decoder per thread and device (each decoding thread has its own CUDA stream); on a CPU
+    its libjpeg-turbo backend. EXIF orientation is not applied, as PIL in the tasks decoder does not."""
+    os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "1")  # errors only: an image it cannot decode is a None here
+    from nvidia import nvimgcodec
+
+    params = nvimgcodec.DecodeParams(
+        apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB, sample_format=nvimgcodec.I_RGB
+    )
+    local = threading.local()
+
+    def decoder_for(device: torch.device) -> nvimgcodec.Decoder:
+        decoders = local.__dict__.setdefault("decoders", {})
+        if device not in decoders:
+            if device.type == "cuda":
+                index = device.index if device.index is not None else torch.cuda.current_device()
+                decoders[device] = nvimgcodec.Decoder(device_id=index)
+            else:
+                cpu = nvimgcodec.Backend(nvimgcodec.BackendKind.CPU_ONLY)
+                decoders[device] = nvimgcodec.Decoder(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[cpu])
+        return decoders[device]
+
+    def decode(datas: Sequence[bytes], device: torch.device) -> list[torch.Tensor | None]:
+        if device.type == "cuda":
+            stream = torch.cuda.current_stream(device)
+            images = decoder_for(device).decode(list(datas), params=params, cuda_stream=stream.cuda_stream)
+            return [None if im is None else torch.from_dlpack(im).permute(2, 0, 1) for im in images]
+        images = decoder_for(device).decode(list(datas), params=params)
+        return [None if im is None else torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in images]
+
+    return decode
 
 
 def torchcodec_decoder() -> JpegDecoder:
     from torchcodec.decoders import decode_jpeg
 
-    return lambda encoded, device: list(decode_jpeg(encoded, mode="RGB", device=device))
+    return lambda datas, device: list(decode_jpeg(_tensors(datas), mode="RGB", device=device))
 
 
 def torchvision_decoder() -> JpegDecoder:
@@ -39,16 +79,38 @@ def torchvision_decoder() -> JpegDecoder:
     images whose torch has no matching TorchCodec build."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    return lambda encoded, device: list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+    return lambda datas, device: list(decode_jpeg(_tensors(datas), mode=ImageReadMode.RGB, device=device))
+
+
+def _tensors(datas: Sequence[bytes]) -> list[torch.Tensor]:
+    return [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]  # writable copies
+
+
+DECODERS: dict[str, Callable[[], JpegDecoder]] = {
+    "nvimgcodec": nvimgcodec_decoder,
+    "torchcodec": torchcodec_decoder,
+    "torchvision": torchvision_decoder,
+}
 
 
 def pick_jpeg_decoder() -> tuple[str, JpegDecoder]:
-    """TorchCodec when it loads against this torch, else torchvision.io (logged, with the reason)."""
-    try:
-        return "torchcodec", torchcodec_decoder()
-    except (ImportError, OSError, RuntimeError) as err:  # not installed, or built for another torch
-        log.warning("jpeg_decoder=torchvision torchcodec_unavailable=%r", err)
-        return "torchvision", torchvision_decoder()
+    """The decoder named by $BATCHINFER_JPEG_DECODER, or else the first of DECODERS that loads (each one that does
+    not is logged with the reason); torchvision.io, part of torchvision, always loads."""
+    wanted = os.environ.get(DECODER_ENV)
+    if wanted:
+        if wanted not in DECODERS:
+            raise ValueError(f"{DECODER_ENV}={wanted!r}: use one of {', '.join(DECODERS)}, or leave it unset")
+        log.info("jpeg_decoder=%s (from %s)", wanted, DECODER_ENV)
+        return wanted, DECODERS[wanted]()
+    for name, make in DECODERS.items():
+        try:
+            decoder = make()
+        except (ImportError, OSError, RuntimeError) as err:  # not installed, or built for another torch / CUDA
+            log.warning("jpeg_decoder_unavailable name=%s error=%r", name, err)
+            continue
+        log.info("jpeg_decoder=%s", name)
+        return name, decoder
+    raise RuntimeError("no JPEG decoder loads (torchvision.io should): reinstall torchvision")
 
 
 JPEG_DECODER_NAME, JPEG_DECODER = pick_jpeg_decoder()
@@ -79,23 +141,23 @@ def decode_jpegs(
     datas: Sequence[bytes], device: torch.device, decoder: JpegDecoder | None = None
 ) -> list[torch.Tensor | None]:
     """RGB uint8 (3, H, W) tensors on `device`, one batched call; None for an image the decoder refuses or
-    warns about (corrupt data it would paper over), found by decoding that call's images one by one."""
+    warns about (corrupt data it would paper over). A decoder that refuses the whole call over one image is
+    asked again image by image."""
     decoder = decoder or JPEG_DECODER
-    encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]  # writable copies
-    if not encoded:
+    if not datas:
         return []
-    batched = _decode(decoder, encoded, device)
+    batched = _decode(decoder, datas, device)
     if batched is not None:
-        return list(batched)
-    singles = [_decode(decoder, [e], device) for e in encoded]
+        return batched
+    singles = [_decode(decoder, [d], device) for d in datas]
     return [None if one is None else one[0] for one in singles]
 
 
-def _decode(decoder: JpegDecoder, encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor] | None:
+def _decode(decoder: JpegDecoder, datas: Sequence[bytes], device: torch.device) -> list[torch.Tensor | None] | None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            decoded = decoder(encoded, device)
+            decoded = decoder(datas, device)
         except RuntimeError:
             return None
     about_data = [w for w in caught if not issubclass(w.category, DeprecationWarning)]  # not torchvision's notice
