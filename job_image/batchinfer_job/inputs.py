@@ -93,6 +93,14 @@ def _parquet_plan(spec: InputSpec) -> InputPlan:
     return InputPlan(partitions, listing.skipped)
 
 
+def rows_at_least(partitions: Iterable[Partition]) -> int:
+    """A lower bound on the rows of `partitions`, from the plan alone: a page of listed files is its files (or its
+    cap); a folder, a Parquet file or a manifest chunk is counted only once read, so 0 here (or its cap)."""
+    return sum(
+        min(len(p.names), p.cap if p.cap is not None else len(p.names)) if p.kind == "files" else 0 for p in partitions
+    )
+
+
 def wanted_columns(spec: InputSpec) -> list[str]:
     return [c for c in (spec.keyColumn, spec.imageColumn, spec.pathColumn) if c]
 

@@ -208,6 +208,8 @@ def _build_dataset(spec: BatchInferenceSpec, plan: ReadPlan, shares: capacity.St
         precision=compute.precision,
         threads=compute.torchThreads or max(1, int(compute.cpusPerActor)),
         optimize=compute.optimize,
+        batch_rows=batch_size,
+        rows_per_actor=rows_left_at_least(plan) // shares.max_actors,
         batch_timeout=spec.timeouts.perBatchSeconds,
         max_pixels=spec.input.maxImagePixels,
         ledger=plan.ledger,
@@ -234,6 +236,12 @@ def _build_dataset(spec: BatchInferenceSpec, plan: ReadPlan, shares: capacity.St
         # seconds, long before a new worker pod joined and the actor could restart there.
         max_task_retries=-1,
     )
+
+
+def rows_left_at_least(plan: ReadPlan) -> int:
+    """A lower bound on the rows this attempt predicts: what the plan counts, less the rows committed earlier."""
+    committed = sum(rows for spans in plan.done_spans.values() for _, _, rows in spans)
+    return max(0, inputs.rows_at_least(plan.partitions) - committed)
 
 
 def check_error_policy(policy: ErrorPolicySpec, failed: int, total: int | None) -> None:

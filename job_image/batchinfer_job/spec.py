@@ -455,7 +455,10 @@ class ComputeSpec(_Model):
         default="auto",
         description=(
             "Graph optimisation in each actor: torchscript (trace, freeze, fold batch norms: faster on CPU), "
-            "compile (torch.compile: slower start), eager (none). auto: torchscript on CPU in fp32, else eager."
+            "compile (torch.compile for the batch size, in the background while the eager model serves; about "
+            "30 s for ResNet-152 on an H200, then ~1.46x its eager rate), eager (none). auto: torchscript on CPU "
+            "in fp32; on a GPU compile when the input listing shows at least 521,780 rows per actor (twice the "
+            "compile's length of eager work), else eager."
         ),
     )
 

@@ -105,8 +105,10 @@ def run_predictor_bench(
                     precision=precision,
                     threads=os.cpu_count() or 1,
                     optimize=mode,
+                    batch_rows=batch,
                 )
                 predictor = TorchPredictor(config)
+                predictor.wait_compiled()  # optimize=compile: measure the compiled model
                 rows.append(
                     StageRow(
                         model=name,
