@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import itertools
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -284,3 +286,42 @@ def test_quickstart_top1_agrees_with_tasks_for_every_decoder(quickstart_tasks, d
     predicted = [i for i, c in enumerate(tasks) if not isinstance(c, str)]
     agree = sum(tasks[i] == device[i] for i in predicted)
     assert agree >= 0.99 * len(predicted), f"{decoder}: top-1 agrees on {agree} of {len(predicted)}"
+
+
+PEAK_SCRIPT = """
+import resource, sys
+from pathlib import Path
+import torch
+from batchinfer_job import device_decode
+from batchinfer_job.decode import Preprocess
+data = Path(sys.argv[1]).read_bytes()
+count = int(sys.argv[2])
+device_decode.decode_on_device([data] * 2, [True] * 2, [None] * 2, Preprocess(), torch.device("cpu"), 10**9)  # warm
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+errors = [None] * count
+device_decode.decode_on_device([data] * count, [True] * count, errors, Preprocess(), torch.device("cpu"), 10**9)
+assert errors == [None] * count, errors
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_device_decode_memory_does_not_grow_with_the_batch(tmp_path: Path) -> None:
+    """Batches of 24-megapixel JPEGs (72 MB each decoded; the CPU's per-call budget holds one): the peak for 6 of
+    them stays within 60 MB of the peak for 2 (decoding the whole batch at once added 258 MB)."""
+    big = tmp_path / "big.jpg"
+    gradient = np.linspace(0, 255, 6000, dtype=np.uint8)
+    pixels = np.stack(
+        [np.tile(gradient, (4000, 1)), np.tile(gradient[::-1], (4000, 1)), np.full((4000, 6000), 90, np.uint8)], -1
+    )
+    Image.fromarray(pixels).save(big, quality=85)
+    assert device_decode.DECODE_PIXEL_BUDGET["cpu"] < 6000 * 4000 * 2  # two never share a call
+
+    def peak_growth_kib(count: int) -> int:
+        run = subprocess.run(
+            [sys.executable, "-c", PEAK_SCRIPT, str(big), str(count)], capture_output=True, text=True, check=False
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        return int(run.stdout.split()[-1])
+
+    two, six = peak_growth_kib(2), peak_growth_kib(6)
+    assert six - two < 60 * 1024, f"peak grew {(six - two) // 1024} MB from 2 to 6 images"

@@ -15,6 +15,7 @@ agreement is checked on pixels and predictions, for every decoder (tests/test_de
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from batchinfer_job.decode import DECODE_ERRORS, Preprocess, crop_span, decode_image, resized_size
 
@@ -242,6 +244,12 @@ def _groups(shapes: Sequence[torch.Size], budget: int) -> list[list[int]]:
     return groups
 
 
+# Decoded pixels one decode call may hold (RGB uint8: 3 bytes each) before they are resized and cropped: what a
+# batch of ordinary photos needs in one call (256 x 0.19 MP = 48 MP), while a batch of 100-megapixel JPEGs is
+# decoded a few (or one) at a time, so the actor's memory no longer grows with the batch.
+DECODE_PIXEL_BUDGET = {"cuda": 1 << 27, "cpu": 1 << 25}  # 134 MP (402 MB) on a GPU, 33.5 MP (100 MB) on a CPU
+
+
 def decode_on_device(
     datas: Sequence[bytes],
     on_device: Sequence[bool],
@@ -253,28 +261,63 @@ def decode_on_device(
 ) -> torch.Tensor:
     """uint8 (N, crop, crop, 3) crops on `device` for a batch; fills `errors` for rows that cannot be decoded.
 
-    Rows already holding an error stay zeros. Rows marked `on_device` are decoded and resized on the device;
-    the others, and any the device refuses, go through `decode_image` (the tasks decoder) on the CPU.
+    Rows already holding an error stay zeros. Rows marked `on_device` are decoded and resized on the device, in
+    calls of at most DECODE_PIXEL_BUDGET decoded pixels (an image over it alone), each resized and cropped before
+    the next is decoded; the others, and any the device refuses, go through `decode_image` (the tasks decoder)
+    on the CPU, one at a time.
     """
     crop = preprocess.crop
     out = torch.zeros((len(datas), crop, crop, 3), dtype=torch.uint8, device=device)
     candidates = [i for i, ok in enumerate(on_device) if ok and errors[i] is None]
     fallback = [i for i, ok in enumerate(on_device) if not ok and errors[i] is None]
-    rows, images, geometries = [], [], []
-    for i, image in zip(candidates, decode_jpegs([datas[i] for i in candidates], device, decoder), strict=True):
-        geo = None if image is None else geometry(image.shape[2], image.shape[1], preprocess)
-        if image is None or geo is None:
-            fallback.append(i)
-            continue
-        rows.append(i)
-        images.append(image)
-        geometries.append(geo)
-    if rows:
-        crops = resize_and_crop_batch(images, geometries, crop)
-        out[rows] = crops.to(torch.uint8).permute(0, 2, 3, 1)  # already rounded and clamped
+    budget = DECODE_PIXEL_BUDGET.get(device.type, DECODE_PIXEL_BUDGET["cpu"])
+    for call in pixel_groups([datas[i] for i in candidates], budget):
+        rows = [candidates[j] for j in call]
+        fallback += _decode_and_crop(datas, rows, out, preprocess, device, decoder)
     for i in fallback:
         try:
             out[i] = torch.tensor(decode_image(datas[i], preprocess, max_pixels), device=device)
         except DECODE_ERRORS as err:
             errors[i] = f"decode: {type(err).__name__}: {err}"
     return out
+
+
+def pixel_groups(datas: Sequence[bytes], budget: int) -> list[list[int]]:
+    """Indices of `datas` (device-decodable JPEGs) in order, in groups of at most `budget` pixels by their headers;
+    an image over the budget makes a group of its own."""
+    groups: list[list[int]] = []
+    total = budget
+    for i, data in enumerate(datas):
+        with Image.open(io.BytesIO(data)) as img:  # the header only
+            pixels = img.width * img.height
+        if groups and total + pixels <= budget:
+            groups[-1].append(i)
+            total += pixels
+        else:
+            groups.append([i])
+            total = pixels
+    return groups
+
+
+def _decode_and_crop(
+    datas: Sequence[bytes],
+    rows: list[int],
+    out: torch.Tensor,
+    preprocess: Preprocess,
+    device: torch.device,
+    decoder: JpegDecoder | None,
+) -> list[int]:
+    """Decode `rows` in one call, resize and crop them into `out`; returns the rows left to the tasks decoder."""
+    left, kept, images, geometries = [], [], [], []
+    for i, image in zip(rows, decode_jpegs([datas[i] for i in rows], device, decoder), strict=True):
+        geo = None if image is None else geometry(image.shape[2], image.shape[1], preprocess)
+        if image is None or geo is None:
+            left.append(i)
+            continue
+        kept.append(i)
+        images.append(image)
+        geometries.append(geo)
+    if kept:
+        crops = resize_and_crop_batch(images, geometries, preprocess.crop)
+        out[kept] = crops.to(torch.uint8).permute(0, 2, 3, 1)  # already rounded and clamped
+    return left
