@@ -95,6 +95,29 @@ def test_manifest_byte_ranges_give_every_line_exactly_once(tmp_path: Path, chunk
     assert got == lines
 
 
+def test_a_manifest_is_cut_into_ranges_of_about_a_page_of_files(tmp_path: Path) -> None:
+    """10,000 lines of 40 bytes: 7 ranges of ~1,640 lines, every line in exactly one (one 8 MiB range before)."""
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("".join(f"/data/images/2026/12/01/img_{i:07d}.jpg\n" for i in range(10_000)))
+    spec = InputSpec.model_validate({"uri": str(manifest), "format": "manifest"})
+    partitions = inputs.plan_inputs(spec).partitions
+    assert len(partitions) == -(-manifest.stat().st_size // inputs.MANIFEST_CHUNK_BYTES) == 7
+    lines = [line for p in partitions for line in manifest_lines(p) if line]
+    assert lines == manifest.read_text().splitlines()
+
+
+def test_a_huge_manifest_gets_larger_ranges_not_more_than_the_cap(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(inputs, "MANIFEST_MAX_RANGES", 4)
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("".join(f"/in/{i:07d}.jpg\n" for i in range(100_000)))  # 1.6 MB: 25 ranges uncapped
+    spec = InputSpec.model_validate({"uri": str(manifest), "format": "manifest"})
+    partitions = inputs.plan_inputs(spec).partitions
+    assert len(partitions) == 4
+    assert sum(1 for p in partitions for line in manifest_lines(p) if line) == 100_000
+
+
 # bookkeeping per partition
 
 

@@ -25,8 +25,14 @@ from PIL import Image
 
 from batchinfer_job.bench.images import make_image_set
 
-# kind → (N, 10N): the sizes issue 11 names
-SIZES = {"parquet-bytes": (2_000, 20_000), "parquet-paths": (100_000, 1_000_000), "files": (10_000, 100_000)}
+# kind → (N, 10N): the sizes issue 11 names; a manifest is measured at 10k and 200k lines, each beside the same
+# files as a folder (its first row should come within 1.5x of theirs)
+SIZES = {
+    "parquet-bytes": (2_000, 20_000),
+    "parquet-paths": (100_000, 1_000_000),
+    "files": (10_000, 100_000),
+    "manifest": (10_000, 200_000),
+}
 BASE_IMAGES = 256  # distinct JPEGs the inputs repeat
 ROWS_PER_PARQUET_FILE = 2_000
 PREDICTOR = "batchinfer_job.examples:DominantChannelPredictor"
@@ -80,6 +86,10 @@ def make_inputs(kind: str, rows: int, folder: Path) -> dict[str, object]:
             _parquet(where, rows, lambda i: blobs[i % len(blobs)], "image", pa.binary())
         elif kind == "parquet-paths":
             _parquet(where, rows, lambda i: str(images[i % len(images)]), "path", pa.string())
+        elif kind == "manifest":  # one manifest naming the files of the folder case of the same size
+            files = Path(str(make_inputs("files", rows, folder)["uri"]))
+            where.mkdir(parents=True)
+            (where / "inputs.txt").write_text("".join(f"{files / f'img_{i:07d}.jpg'}\n" for i in range(rows)))
         else:  # hard links in one flat folder: the driver lists it itself (folders would be listed by workers)
             where.mkdir(parents=True)
             for i in range(rows):
@@ -89,6 +99,8 @@ def make_inputs(kind: str, rows: int, folder: Path) -> dict[str, object]:
         return {"uri": str(where), "format": "parquet", "imageColumn": "image", "keyColumn": "id"}
     if kind == "parquet-paths":
         return {"uri": str(where), "format": "parquet", "pathColumn": "path", "keyColumn": "id"}
+    if kind == "manifest":
+        return {"uri": str(where / "inputs.txt"), "format": "manifest"}
     return {"uri": str(where)}
 
 
@@ -128,9 +140,12 @@ def run_inputs_bench(folder: Path, kinds: list[str], scale: float, log: Callable
     for kind in kinds:
         for size in SIZES[kind]:
             rows = max(1, int(size * scale))
-            result = run_case(kind, rows, folder)
-            log(f"{kind} {rows:,}: peak RSS {result.peak_rss_mib:,.0f} MiB, first row {result.time_to_first_row:.1f} s")
-            results.append(result)
+            cases = [kind, "files"] if kind == "manifest" else [kind]  # a manifest beside the same files as a folder
+            for case in cases:
+                result = run_case(case, rows, folder)
+                first = f"first row {result.time_to_first_row:.1f} s"
+                log(f"{case} {rows:,}: peak RSS {result.peak_rss_mib:,.0f} MiB, {first}")
+                results.append(result)
     return results
 
 
@@ -151,5 +166,11 @@ def table(results: list[CaseResult]) -> list[str]:
             f"{kind}: {large.rows / small.rows:.0f}x the inputs -> driver peak RSS "
             f"{large.peak_rss_mib / small.peak_rss_mib:.2f}x, time to first row "
             f"{large.time_to_first_row / small.time_to_first_row:.2f}x"
+        )
+    folders = {r.rows: r for r in results if r.kind == "files"}
+    for r in (r for r in results if r.kind == "manifest" and r.rows in folders):
+        lines.append(
+            f"manifest of {r.rows:,} lines: first row {r.time_to_first_row:.1f} s = "
+            f"{r.time_to_first_row / folders[r.rows].time_to_first_row:.2f}x the same files as a folder"
         )
     return lines
