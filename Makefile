@@ -21,7 +21,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 K8S_DIR  := $(BUILD)/k8s
 
-.PHONY: help setup demo test lint format crds docs manifests lock helm bench bench-operator images kind-e2e \
+.PHONY: help setup demo test lint format crds docs manifests lock helm bench bench-gpu bench-operator images kind-e2e \
 	k8s-binaries k8s-images k8s-up k8s-down cluster-demo kuberay-crds node-packages clean
 
 help: ## List targets
@@ -121,6 +121,22 @@ lock: ## Re-resolve and pin every dependency into requirements.lock
 
 bench: $(STAMP) ## Benchmark: plain PyTorch loop vs seed Ray Data recipe vs batchinfer (IMAGES=1000 REPEATS=5)
 	$(BIN)/batchinfer bench --images $(or $(IMAGES),1000) --repeats $(or $(REPEATS),5)
+
+# The GPU table, one line per run (each its own process: the decoder is chosen when the actor starts): batchinfer's
+# steady rate as a share of its model-only rate, and time to first row, for decode tasks/device, each device decoder,
+# eager and compiled. On one H200 with the defaults it should take about 8 minutes. DEVICE=cpu MODEL=resnet18
+# PRECISION=fp32 GPU_IMAGES=64 tries it on a CPU.
+GPU_RUNS := tasks:eager: tasks:compile: device:eager:nvimgcodec device:compile:nvimgcodec device:eager:torchcodec \
+	device:eager:torchvision
+bench-gpu: $(STAMP) ## The GPU table: ResNet-152 bf16 over 32,768 JPEGs, decode tasks/device x decoders x eager/compile
+	@mkdir -p $(BUILD); for run in $(GPU_RUNS); do \
+	  IFS=: read -r decode optimize decoder <<< "$$run"; \
+	  BATCHINFER_JPEG_DECODER=$$decoder $(BIN)/batchinfer bench --device $(or $(DEVICE),cuda) \
+	    --precision $(or $(PRECISION),bf16) --model $(or $(MODEL),resnet152) --images $(or $(GPU_IMAGES),32768) \
+	    --repeats 1 --warmup-images 512 --methods batchinfer --decode $$decode --optimize $$optimize \
+	    2>$(BUILD)/bench-gpu-$$decode-$$optimize-$$decoder.log | grep '^(c) decode=' \
+	    || { echo "bench-gpu: $$run failed, see $(BUILD)/bench-gpu-$$decode-$$optimize-$$decoder.log" >&2; exit 1; }; \
+	done
 
 bench-operator: $(STAMP) k8s-binaries ## Operator at scale on a real control plane (COUNT=1000, RATE=0: unpaced)
 	$(BIN)/python -m tests.controlplane.scale --count $(or $(COUNT),1000) --rate $(or $(RATE),0)

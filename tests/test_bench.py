@@ -12,12 +12,13 @@ from typer.testing import CliRunner
 
 from batchinfer_job.bench.measure import Sample
 from batchinfer_job.bench.pipeline_bench import METHODS, BenchConfig, BenchResult, summary_line, table
+from batchinfer_job.device_decode import JPEG_DECODER_NAME
 from batchinfer_operator.cli import app
 
 SUMMARY = re.compile(r"^speedup_vs_plain=(\d+\.\d\d) speedup_vs_seed=(\d+\.\d\d)$")
 MODEL_ONLY = re.compile(
-    r"^\(c\) decode=tasks: steady state (\d+\.\d) img/s \(after the first shard, median\) = (\d+)% of model-only "
-    r"(\d+\.\d) img/s; time to first row \d+\.\d s \(median\)$"
+    r"^\(c\) decode=tasks optimize=auto: steady state (\d+\.\d) img/s \(after the first shard, median\) = "
+    r"(\d+)% of model-only (\d+\.\d) img/s; time to first row \d+\.\d s \(median\)$"
 )
 ROW = re.compile(r"^\((a|b|c)\) .+?\s+(\d+\.\d)\s+(\d+\.\d)-(\d+\.\d)\s+(\d+\.\d\d)x\s+(\d+)$")
 
@@ -52,8 +53,8 @@ def test_model_only_and_time_to_first_row_follow_from_the_runs() -> None:
     runs = ((90, 4), (150, 2), (120, 3))
     result.runs = [SimpleNamespace(steady_rows_per_second=r, time_to_first_row=t) for r, t in runs]
     assert table(result)[-1] == (
-        "(c) decode=device: steady state 120.0 img/s (after the first shard, median) = 60% of model-only 200.0 img/s; "
-        "time to first row 3.0 s (median)"
+        f"(c) decode=device decoder={JPEG_DECODER_NAME} optimize=auto: steady state 120.0 img/s (after the first "
+        "shard, median) = 60% of model-only 200.0 img/s; time to first row 3.0 s (median)"
     )
 
 

@@ -187,6 +187,9 @@ def bench(
     decode: Literal["auto", "tasks", "device"] = typer.Option(
         "auto", help="pipeline stage: batchinfer's compute.decode (auto: device on a GPU, tasks on a CPU)."
     ),
+    optimize: Literal["auto", "eager", "torchscript", "compile"] = typer.Option(
+        "auto", help="pipeline stage: batchinfer's compute.optimize (compile: measured once compiled)."
+    ),
     scale: float = typer.Option(1.0, help="inputs stage: multiply every case's rows (1.0: the sizes of issue 11)."),
     kinds: str = typer.Option(
         "parquet-bytes,parquet-paths,files", help="inputs stage: which input kinds, comma-separated."
@@ -245,6 +248,7 @@ def bench(
             warmup_images=warmup_images,
             precision=precision,
             decode=decode,
+            optimize=optimize,
             folder=out,
             methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
         )

@@ -29,6 +29,7 @@ class BenchConfig:
     warmup_images: int = 64  # per method, untimed, before the timed repeats
     precision: str = "auto"  # batchinfer's compute.precision; (a) and (b) run fp32 as the seed recipe does
     decode: str = "auto"  # batchinfer's compute.decode
+    optimize: str = "auto"  # batchinfer's compute.optimize (compile: the model-only rate is the compiled one's)
     folder: Path = Path("build/bench")
     methods: tuple[str, ...] = METHODS  # which of (a), (b), (c) to run; (c) always (e.g. GPU checks: only c)
 
@@ -99,6 +100,7 @@ def batchinfer_spec(config: BenchConfig, input_dir: Path, output_dir: Path) -> B
                 "torchThreads": cpus,
                 "precision": config.precision,
                 "decode": config.decode,
+                "optimize": config.optimize,
             },
         }
     )
@@ -213,8 +215,14 @@ def model_only_lines(result: BenchResult) -> list[str]:
     steady, first_row = result.steady(), result.first_row()
     if result.model_only is None or steady is None:
         return []
+    decoder = ""
+    if result.decode == "device":  # the actors pick it as this process does (same environment, same packages)
+        from batchinfer_job.device_decode import JPEG_DECODER_NAME
+
+        decoder = f" decoder={JPEG_DECODER_NAME}"
     return [
-        f"(c) decode={result.decode}: steady state {steady:.1f} img/s (after the first shard, median) = "
+        f"(c) decode={result.decode}{decoder} optimize={result.config.optimize}: steady state {steady:.1f} img/s "
+        "(after the first shard, median) = "
         f"{100 * steady / result.model_only:.0f}% of model-only {result.model_only:.1f} img/s"
         + ("" if first_row is None else f"; time to first row {first_row:.1f} s (median)")
     ]
