@@ -72,3 +72,47 @@ def test_a_jpeg_of_too_many_scans_is_an_error_row_in_both_decode_modes_before_an
         assert (
             errors[1].startswith("decode: DecompressionBombError: a JPEG of ") and "scans (more than 100)" in errors[1]
         )
+
+
+def _encoded(img: Image.Image, fmt: str, **options: object) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    img.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def test_an_image_that_decodes_longer_than_the_limit_is_an_error_row_in_both_decode_modes() -> None:
+    """input.maxDecodeSeconds: a 12-megapixel progressive JPEG and PNG (hundreds of ms each here) under a 10 ms
+    limit become error rows — tasks decode them in CPU tasks, the device path in the actor's fallback (the PNG)
+    or on the device (the JPEG: not timed there) — and the small image beside them decodes as before."""
+    import torch
+
+    from batchinfer_job.decode import DecodeTimeoutError, fetch_batch
+    from batchinfer_job.device_decode import decode_on_device
+
+    gradient = np.linspace(0, 255, 4000, dtype=np.uint8)
+    big = Image.fromarray(np.stack([np.tile(gradient, (3000, 1))] * 3, -1))
+    datas = [_encoded(big, "JPEG", progressive=True), _encoded(big, "PNG"), _jpeg(progressive=False)]
+    batch = {"key": np.array(["jpeg", "png", "small"], dtype=object), "bytes": np.array(datas, dtype=object)}
+    message = "decode: DecodeTimeoutError: decoding took more than input.maxDecodeSeconds=0.01 s"
+    tasks = decode_batch(batch, preprocess=Preprocess(), max_seconds=0.01)
+    assert list(tasks["error"]) == [message, message, ""]
+    untimed = decode_batch(batch, preprocess=Preprocess())
+    assert list(untimed["error"]) == ["", "", ""] and np.array_equal(untimed["image"][2], tasks["image"][2])
+
+    fetched = fetch_batch(batch)
+    errors = [None, None, None]
+    crops = decode_on_device(
+        list(fetched["data"]),
+        list(fetched["device"]),
+        errors,
+        Preprocess(),
+        torch.device("cpu"),
+        10**9,
+        max_seconds=0.01,
+    )
+    assert list(fetched["device"]) == [True, False, True]
+    assert errors == [None, message, None]  # the PNG took the CPU decoder; the JPEGs were decoded as a batch
+    assert np.abs(crops[2].numpy().astype(int) - tasks["image"][2].astype(int)).max() <= 2
+    assert issubclass(DecodeTimeoutError, OSError)  # an error row, like every other decode error

@@ -116,3 +116,23 @@ def test_error_if_exists_refuses_with_clear_message(photo_dir: Path, tmp_path: P
     ):
         run_local(spec, on_progress=None)
     assert (out / "old.parquet").read_bytes() == b"previous results"  # nothing lost
+
+
+@pytest.mark.parametrize("decode", ["tasks", "device"])
+def test_the_decode_time_limit_reaches_every_decoder_of_a_job(tmp_path: Path, decode: str) -> None:
+    """input.maxDecodeSeconds as a job sets it: a slow PNG (12 MP, hundreds of ms) under a 20 ms limit is an error
+    row in the decode tasks and in the model actor's fallback decoder; the photo beside it is predicted."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    gradient = np.linspace(0, 255, 4000, dtype=np.uint8)
+    Image.fromarray(np.stack([np.tile(gradient, (3000, 1))] * 3, -1)).save(folder / "slow.png")
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(folder / "red.jpg")
+    out = tmp_path / "out"
+    spec = make_spec(str(folder), str(out), input={"uri": str(folder), "maxDecodeSeconds": 0.02})
+    spec = spec.model_copy(update={"compute": spec.compute.model_copy(update={"decode": decode})})
+    run_local(spec, on_progress=None)
+    rows = {Path(r["key"]).name: r for r in read_predictions(str(out)).to_pylist()}
+    assert (
+        rows["slow.png"]["error"] == "decode: DecodeTimeoutError: decoding took more than input.maxDecodeSeconds=0.02 s"
+    )
+    assert rows["red.jpg"]["error"] is None and rows["red.jpg"]["predicted_class"] is not None

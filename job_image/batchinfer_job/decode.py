@@ -7,6 +7,7 @@ Resize and crop reproduce torchvision's PIL transforms exactly, so results match
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -99,14 +100,42 @@ def check_pixels(img: Image.Image, max_pixels: int, data: bytes | None = None) -
             )
 
 
-def decode_image(data: bytes, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+DECODE_BLOCK_BYTES = 16 * 2**10  # data fed to the decoder between two checks of the time limit
+
+
+class DecodeTimeoutError(OSError):
+    """An image took longer than input.maxDecodeSeconds to decode."""
+
+
+def bound_decode_time(img: Image.Image, seconds: float) -> None:
+    """Make `img.load()` raise DecodeTimeoutError once it has run `seconds`: PIL feeds the decoder block by block
+    through `load_read` (JPEG, PNG) or the file's `read`, and the deadline is checked before each block. The
+    worst file allowed (100 scans) decodes at most one block past the deadline."""
+    read = getattr(img, "load_read", None) or img.fp.read  # type: ignore[attr-defined]
+    deadline = time.monotonic() + seconds
+
+    def timed_read(size: int) -> bytes:
+        if time.monotonic() > deadline:
+            raise DecodeTimeoutError(f"decoding took more than input.maxDecodeSeconds={seconds:g} s")
+        return read(size)
+
+    img.decodermaxblock = DECODE_BLOCK_BYTES  # type: ignore[attr-defined]
+    img.load_read = timed_read  # type: ignore[attr-defined]
+
+
+def decode_image(
+    data: bytes, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_seconds: float | None = None
+) -> np.ndarray:
     """Bytes → RGB uint8 array of shape (crop, crop, 3). Raises on undecodable input.
 
-    An image of more than `max_pixels` is refused from its header, before its pixels are decoded. Pure PIL
-    (no torch import): decode workers start fast and stay small.
+    An image of more than `max_pixels` is refused from its header, before its pixels are decoded; one that takes
+    more than `max_seconds` to decode is abandoned (DecodeTimeoutError). Pure PIL (no torch import): decode
+    workers start fast and stay small.
     """
     with Image.open(io.BytesIO(data)) as img:
         check_pixels(img, max_pixels, data)
+        if max_seconds is not None:
+            bound_decode_time(img, max_seconds)
         img.load()
         rgb = img.convert("RGB")
     return np.asarray(resize_and_crop(rgb, preprocess), dtype=np.uint8)
@@ -153,8 +182,9 @@ def decode_batch(
     preprocess: Preprocess,
     max_bytes: int | None = None,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_seconds: float | None = None,
 ) -> dict[str, Any]:
-    """Read (when rows carry `uri`) and decode a batch.
+    """Read (when rows carry `uri`) and decode a batch (each image within `max_seconds`, see `decode_image`).
 
     In: `key`, either `uri` (any supported storage) or `bytes`, optionally `error` (the read task's) and
     `partition` (passed through). Out: `key`, `image` uint8 (N, crop, crop, 3), `error` ("" on success: an
@@ -164,7 +194,7 @@ def decode_batch(
     images = np.zeros((len(errors), preprocess.crop, preprocess.crop, 3), dtype=np.uint8)
     for i, data in _readable(batch, errors, max_bytes):
         try:
-            images[i] = decode_image(data, preprocess, max_pixels)
+            images[i] = decode_image(data, preprocess, max_pixels, max_seconds)
         except DECODE_ERRORS as err:
             errors[i] = _error("decode", err)
     return _out(batch, errors, image=images)

@@ -258,13 +258,15 @@ def decode_on_device(
     device: torch.device,
     max_pixels: int,
     decoder: JpegDecoder | None = None,
+    *,
+    max_seconds: float | None = None,
 ) -> torch.Tensor:
     """uint8 (N, crop, crop, 3) crops on `device` for a batch; fills `errors` for rows that cannot be decoded.
 
     Rows already holding an error stay zeros. Rows marked `on_device` are decoded and resized on the device, in
     calls of at most DECODE_PIXEL_BUDGET decoded pixels (an image over it alone), each resized and cropped before
     the next is decoded; the others, and any the device refuses, go through `decode_image` (the tasks decoder)
-    on the CPU, one at a time.
+    on the CPU, one at a time, each within `max_seconds`.
     """
     crop = preprocess.crop
     out = torch.zeros((len(datas), crop, crop, 3), dtype=torch.uint8, device=device)
@@ -276,7 +278,8 @@ def decode_on_device(
         fallback += _decode_and_crop(datas, rows, out, preprocess, device, decoder)
     for i in fallback:
         try:
-            out[i] = torch.tensor(decode_image(datas[i], preprocess, max_pixels), device=device)
+            decoded = decode_image(datas[i], preprocess, max_pixels, max_seconds)
+            out[i] = torch.tensor(decoded, device=device)
         except DECODE_ERRORS as err:
             errors[i] = f"decode: {type(err).__name__}: {err}"
     return out

@@ -185,7 +185,7 @@ def _build_dataset(spec: BatchInferenceSpec, plan: ReadPlan, shares: capacity.St
         raise ValueError("build_dataset needs partitions left to read")
     limits = {"max_bytes": spec.input.maxImageBytes, "max_pixels": spec.input.maxImagePixels}
     cpu_stage, kwargs = (
-        (decode_batch, {"preprocess": preprocess_for(spec.model), **limits})
+        (decode_batch, {"preprocess": preprocess_for(spec.model), "max_seconds": spec.input.maxDecodeSeconds, **limits})
         if decode == "tasks"
         else (fetch_batch, limits)  # bytes only: the model actor decodes
     )
@@ -212,6 +212,7 @@ def _build_dataset(spec: BatchInferenceSpec, plan: ReadPlan, shares: capacity.St
         rows_per_actor=rows_left_at_least(plan) // shares.max_actors,
         batch_timeout=spec.timeouts.perBatchSeconds,
         max_pixels=spec.input.maxImagePixels,
+        max_decode_seconds=spec.input.maxDecodeSeconds,
         ledger=plan.ledger,
     )
     # Decoding in the actor: two calls at a time, so one batch decodes (its own CUDA stream) while the model,

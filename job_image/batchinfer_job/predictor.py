@@ -48,6 +48,7 @@ class PredictorConfig:
     rows_per_actor: int | None = None  # rows this actor is expected to predict (None: not known), for optimize=auto
     batch_timeout: float | None = None  # timeouts.perBatchSeconds
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # input.maxImagePixels, for decoding in the actor
+    max_decode_seconds: float | None = None  # input.maxDecodeSeconds, for the actor's CPU decoder
     ledger: Any = None  # the job's reading.PartitionLedger: told when the actor starts and when its model is ready
 
 
@@ -276,6 +277,7 @@ class TorchPredictor:
         spec = ModelSpec.model_validate(config.model)
         self.preprocess = preprocess_for(spec)
         self.max_pixels = config.max_pixels
+        self.max_decode_seconds = config.max_decode_seconds
         self.top_k = config.top_k
         check_assigned_gpus()  # GPUs Ray gave this actor that torch cannot use: fail now, never run on the CPU
         self.device = pick_device(config.device)
@@ -360,7 +362,13 @@ class TorchPredictor:
         errors = [error_or_none(e) for e in batch["error"]]
         with self._decode_stream():
             images = decode_on_device(
-                list(batch["data"]), list(batch["device"]), errors, self.preprocess, self.device, self.max_pixels
+                list(batch["data"]),
+                list(batch["device"]),
+                errors,
+                self.preprocess,
+                self.device,
+                self.max_pixels,
+                max_seconds=self.max_decode_seconds,
             )
         if self.device.type == "cuda":  # made on this thread's stream, used on the model's: keep it until then
             images.record_stream(torch.cuda.default_stream(self.device))

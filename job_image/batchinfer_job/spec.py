@@ -290,6 +290,7 @@ class ModelSpec(_Model):
 
 MODEL_SOURCES = ("torchvision", "weightsUri", "packaged", "predictor")
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970  # Pillow's own decompression-bomb error threshold
+DEFAULT_MAX_DECODE_SECONDS = 30.0  # one image on one CPU core; ordinary photos take milliseconds
 
 
 class InputSpec(_Model):
@@ -339,6 +340,15 @@ class InputSpec(_Model):
         description=(
             "Images with more pixels (width x height) become error rows (decode: DecompressionBombError) "
             "before they are decoded. The default fits a 16k x 10k photo."
+        ),
+    )
+    maxDecodeSeconds: float = Field(
+        default=DEFAULT_MAX_DECODE_SECONDS,
+        gt=0,
+        le=3600,
+        description=(
+            "An image whose decoding on a CPU takes longer than this becomes an error row (decode: "
+            "DecodeTimeoutError), checked between 16 KiB blocks of its data; the job goes on."
         ),
     )
 
