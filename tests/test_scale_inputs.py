@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -358,3 +360,46 @@ def test_a_class_holds_every_uri_the_job_reads_to_its_prefixes_and_says_nothing_
     errors = {d["key"]: d["message"] for d in read_dead_letters(str(team_a / "out")).to_pylist()}
     assert set(errors) == set(lines[1:])
     assert {message for message in errors.values()} == {OUTSIDE_PREFIXES.removeprefix("read: ")}
+
+
+PARQUET_READ_PEAK = """
+import json, resource, sys
+from batchinfer_job.inputs import Partition
+from batchinfer_job.reading import PartitionRead, read_partition
+from batchinfer_job.spec import InputSpec
+spec = InputSpec.model_validate({"uri": sys.argv[1], "format": "parquet", "imageColumn": "image", "keyColumn": "id"})
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rows = []
+for table in read_partition(Partition(sys.argv[1], "parquet", sys.argv[1]), spec, set(), PartitionRead()):
+    errors = table["error"].to_pylist() if "error" in table.column_names else [None] * table.num_rows
+    rows += [[key, error] for key, error in zip(table["key"].to_pylist(), errors)]
+print(json.dumps(rows))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_a_parquet_bomb_is_refused_from_metadata_in_bounded_memory(tmp_path: Path, photo_dir: Path) -> None:
+    """Four 100 MB cells of zeros (one row group each: a few hundred KB on disk) between two real photos: the bombs
+    become error rows naming the column and the fix, never materialised (the read task's peak grows < 100 MB; it
+    held all 400 MB before); the photos are read as usual."""
+    bomb = tmp_path / "bomb.parquet"
+    photo = sorted(photo_dir.glob("chelsea*"))[0].read_bytes()
+    schema = pa.schema([("id", pa.string()), ("image", pa.binary())])
+    with pq.ParquetWriter(bomb, schema, compression="zstd") as writer:
+        writer.write_table(pa.table({"id": ["photo-0"], "image": [photo]}, schema=schema))
+        for i in range(4):
+            writer.write_table(pa.table({"id": [f"bomb-{i}"], "image": [bytes(100 * 2**20)]}, schema=schema))
+        writer.write_table(pa.table({"id": ["photo-1"], "image": [photo]}, schema=schema))
+    assert bomb.stat().st_size < 2**20
+    run = subprocess.run(
+        [sys.executable, "-c", PARQUET_READ_PEAK, str(bomb)], capture_output=True, text=True, check=False
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows, growth_kib = run.stdout.splitlines()[-2:]
+    rows = json.loads(rows)
+    assert [k for k, _ in rows] == ["photo-0", "bomb-0", "bomb-1", "bomb-2", "bomb-3", "photo-1"]
+    assert [e for k, e in rows if k.startswith("photo")] == [None, None]
+    refused = [e for k, e in rows if k.startswith("bomb")]
+    assert all(e.startswith("read: input.imageColumn 'image' of this row group expands") for e in refused)
+    assert all("not encoded images; refused unread (store JPEG/PNG/WebP bytes)" in e for e in refused)
+    assert int(growth_kib) < 100 * 1024, f"the read task grew {int(growth_kib) // 1024} MB"

@@ -25,6 +25,11 @@ from batchinfer_job.inputs import InputError, Partition, check_parquet_columns, 
 from batchinfer_job.spec import InputSpec, check_storage_uri, within_prefixes
 
 READ_ROWS = 1024  # rows per table a read task yields (Ray Data re-blocks them to model batches)
+# Parquet: the cells a read task holds at once (about: batches are sized from each row group's average cell), and how
+# much an image or path column may expand from its compressed size before it is refused unread. Encoded images
+# barely compress; a 29 KB file that held 943 MB of cells took a read task past 6 GB before any size check ran.
+PARQUET_BATCH_BYTES = 256 * 2**20
+PARQUET_MAX_EXPANSION = 20
 
 
 @dataclass
@@ -84,21 +89,64 @@ def _parquet_keys(batch: pa.RecordBatch, spec: InputSpec, uri: str, offset: int)
 
 
 def _parquet_tables(partition: Partition, spec: InputSpec) -> Iterator[pa.Table]:
+    """A Parquet file's rows, row group by row group, in batches of about PARQUET_BATCH_BYTES of cells; a row group
+    whose image (or path) column is over input.maxImageBytes and expands more than PARQUET_MAX_EXPANSION times is
+    not read: its rows become error rows, from the file's metadata and its key column alone."""
     location = storage.resolve(partition.uri)
+    body = spec.imageColumn or spec.pathColumn
+    if body is None:  # the schema refuses Parquet input without either; said here for the type checker
+        raise InputError("input.format parquet needs input.imageColumn or input.pathColumn")
     with location.fs.open(location.path, "rb") as handle:
         parquet = pq.ParquetFile(handle)
         check_parquet_columns(spec, partition.uri, parquet.schema_arrow)
         offset = 0
-        for batch in parquet.iter_batches(batch_size=READ_ROWS, columns=wanted_columns(spec)):
-            keys, key_errors = _parquet_keys(batch, spec, partition.uri, offset)
-            offset += batch.num_rows
-            if spec.imageColumn:
-                yield _table(keys, batch.column(spec.imageColumn), "bytes", key_errors)
+        for group in range(parquet.metadata.num_row_groups):
+            meta = parquet.metadata.row_group(group)
+            chunk = next(meta.column(j) for j in range(meta.num_columns) if meta.column(j).path_in_schema == body)
+            refusal = _expansion_refusal(chunk, body, spec)
+            if refusal is not None:
+                yield _refused_rows(parquet, group, spec, partition.uri, offset, refusal)
+                offset += meta.num_rows
                 continue
-            resolved = [listed_uri(partition.uri, p) for p in pc.cast(batch.column(spec.pathColumn), pa.string())]
-            uris = [uri for uri, _ in resolved]
-            errors = [key_error or error for key_error, (_, error) in zip(key_errors, resolved, strict=True)]
-            yield _table(keys, pa.array(uris, pa.string()), "uri", errors)
+            cell = max(1, chunk.total_uncompressed_size // max(meta.num_rows, 1))
+            rows = max(1, min(READ_ROWS, PARQUET_BATCH_BYTES // cell))
+            for batch in parquet.iter_batches(batch_size=rows, row_groups=[group], columns=wanted_columns(spec)):
+                yield _parquet_table(batch, spec, partition.uri, offset)
+                offset += batch.num_rows
+
+
+def _parquet_table(batch: pa.RecordBatch, spec: InputSpec, uri: str, offset: int) -> pa.Table:
+    keys, key_errors = _parquet_keys(batch, spec, uri, offset)
+    if spec.imageColumn:
+        return _table(keys, batch.column(spec.imageColumn), "bytes", key_errors)
+    resolved = [listed_uri(uri, p) for p in pc.cast(batch.column(spec.pathColumn), pa.string())]
+    uris = [uri for uri, _ in resolved]
+    errors = [key_error or error for key_error, (_, error) in zip(key_errors, resolved, strict=True)]
+    return _table(keys, pa.array(uris, pa.string()), "uri", errors)
+
+
+def _expansion_refusal(chunk: pq.ColumnChunkMetaData, column: str, spec: InputSpec) -> str | None:
+    """Why a row group's image/path column chunk is refused unread, or None: its cells together are larger than
+    input.maxImageBytes and expand more than PARQUET_MAX_EXPANSION times (encoded images do not)."""
+    packed, cells = chunk.total_compressed_size, chunk.total_uncompressed_size
+    if cells <= spec.maxImageBytes or cells <= PARQUET_MAX_EXPANSION * packed:
+        return None
+    field = "input.imageColumn" if spec.imageColumn else "input.pathColumn"
+    return (
+        f"read: {field} {column!r} of this row group expands {cells / max(packed, 1):,.0f}x ({packed:,} bytes "
+        f"stored, {cells:,} bytes of cells): not encoded images; refused unread (store JPEG/PNG/WebP bytes)"
+    )
+
+
+def _refused_rows(parquet: pq.ParquetFile, group: int, spec: InputSpec, uri: str, offset: int, error: str) -> pa.Table:
+    """A refused row group as error rows: keys from input.keyColumn (read alone), else `file#row`."""
+    rows = parquet.metadata.row_group(group).num_rows
+    keys = [f"{uri}#{offset + i}" for i in range(rows)]
+    if spec.keyColumn:
+        values = pc.cast(parquet.read_row_group(group, columns=[spec.keyColumn]).column(0), pa.string()).to_pylist()
+        keys = [value if value is not None else key for key, value in zip(keys, values, strict=True)]
+    body, kind = (pa.nulls(rows, pa.binary()), "bytes") if spec.imageColumn else (pa.nulls(rows, pa.string()), "uri")
+    return _table(keys, body, kind, [error] * rows)
 
 
 def manifest_lines(partition: Partition) -> Iterator[str]:
