@@ -136,3 +136,27 @@ def test_the_decode_time_limit_reaches_every_decoder_of_a_job(tmp_path: Path, de
         rows["slow.png"]["error"] == "decode: DecodeTimeoutError: decoding took more than input.maxDecodeSeconds=0.02 s"
     )
     assert rows["red.jpg"]["error"] is None and rows["red.jpg"]["predicted_class"] is not None
+
+
+def test_a_read_only_output_folder_fails_in_one_line_and_writes_nothing(photo_dir: Path, tmp_path: Path) -> None:
+    """A read-only file system under output.uri (a read-only tmpfs: root ignores file permissions, not this)."""
+    import os
+    import subprocess
+
+    from batchinfer_job.commit import OutputWriteError
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root (make test runs as root)")
+    out = tmp_path / "readonly"
+    out.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(out)], check=True)
+    try:
+        spec = make_spec(str(photo_dir), str(out / "preds"), input={"uri": str(photo_dir), "limit": 2})
+        with pytest.raises(OutputWriteError) as failed:
+            run_local(spec, on_progress=None)
+        message = str(failed.value)
+        assert message.startswith(f"output.uri '{out / 'preds'}': preparing the output failed: ")
+        assert "Read-only file system" in message and "\n" not in message
+        assert os.listdir(out) == []
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
