@@ -69,8 +69,16 @@ def _label_value(value: str) -> str:
     return value
 
 
-LabelKey = Annotated[str, Field(min_length=1, max_length=317), AfterValidator(_label_key)]
-LabelValue = Annotated[str, Field(max_length=63), AfterValidator(_label_value)]
+# The patterns also go into the CRD, so the API server refuses what `validate` refuses (map keys excepted: a
+# structural schema has no pattern for them; the operator's validation checks those).
+LabelKey = Annotated[
+    str,
+    Field(min_length=1, max_length=317, json_schema_extra={"pattern": LABEL_KEY.pattern}),
+    AfterValidator(_label_key),
+]
+LabelValue = Annotated[
+    str, Field(max_length=63, json_schema_extra={"pattern": LABEL_VALUE.pattern}), AfterValidator(_label_value)
+]
 
 
 class _Model(BaseModel):
@@ -652,14 +660,137 @@ class ClusterSpec(_Model):
         return self
 
 
+# core/v1 Toleration and Affinity, as the API server validates them (unknown fields refused, operators and effects
+# from their enums, label keys and values in their grammar), so `validate` and the CRD refuse what a pod would.
+TaintEffect = Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]
+_StringList = list[Annotated[str, Field(max_length=253)]]
+_LabelKeys = list[LabelKey]
+
+
+class Toleration(_Model):
+    """A core/v1 Toleration."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "!has(self.key) || self.key != '' || self.operator == 'Exists'",
+                 "message": "a toleration without a key needs operator: Exists"},
+                {"rule": "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                 "message": "a toleration with operator: Exists takes no value"},
+                {"rule": "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+                 "message": "tolerationSeconds applies to effect: NoExecute only"},
+            ]
+        }
+    )  # fmt: skip
+    key: str | None = Field(
+        default=None,
+        max_length=317,
+        description="Taint key ('' with Exists: every taint).",
+        json_schema_extra={"pattern": f"^({LABEL_KEY.pattern[1:-1]})?$"},
+    )
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal (default).")
+    value: LabelValue | None = Field(default=None, description="Taint value (operator Equal).")
+    effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate ('' or unset: every effect)."
+    )
+    tolerationSeconds: int | None = Field(default=None, description="How long a NoExecute taint is tolerated.")
+
+    @model_validator(mode="after")
+    def _core_rules(self) -> Toleration:
+        if self.key:
+            _label_key(self.key)
+        elif self.operator != "Exists":
+            raise ValueError("a toleration without a key needs operator: Exists")
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator: Exists takes no value")
+        if self.tolerationSeconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds applies to effect: NoExecute only")
+        return self
+
+
+class NodeSelectorRequirement(_Model):
+    key: LabelKey
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
+    values: _StringList | None = Field(default=None, max_length=MAX_MAP_ENTRIES)
+
+
+class FieldSelectorRequirement(_Model):
+    key: str = Field(max_length=253, description="A node field, e.g. metadata.name.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
+    values: _StringList | None = Field(default=None, max_length=MAX_MAP_ENTRIES)
+
+
+class NodeSelectorTerm(_Model):
+    matchExpressions: list[NodeSelectorRequirement] | None = Field(default=None, max_length=MAX_MAP_ENTRIES)
+    matchFields: list[FieldSelectorRequirement] | None = Field(default=None, max_length=MAX_MAP_ENTRIES)
+
+
+class NodeSelector(_Model):
+    nodeSelectorTerms: list[NodeSelectorTerm] = Field(min_length=1, max_length=MAX_MAP_ENTRIES)
+
+
+class PreferredSchedulingTerm(_Model):
+    weight: int = Field(ge=1, le=100)
+    preference: NodeSelectorTerm
+
+
+class NodeAffinity(_Model):
+    requiredDuringSchedulingIgnoredDuringExecution: NodeSelector | None = None
+    preferredDuringSchedulingIgnoredDuringExecution: list[PreferredSchedulingTerm] | None = Field(
+        default=None, max_length=MAX_MAP_ENTRIES
+    )
+
+
+class LabelSelectorRequirement(_Model):
+    key: LabelKey
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[LabelValue] | None = Field(default=None, max_length=MAX_MAP_ENTRIES)
+
+
+class LabelSelector(_Model):
+    matchLabels: dict[LabelKey, LabelValue] | None = Field(default=None, max_length=MAX_MAP_ENTRIES)
+    matchExpressions: list[LabelSelectorRequirement] | None = Field(default=None, max_length=MAX_MAP_ENTRIES)
+
+
+class PodAffinityTerm(_Model):
+    labelSelector: LabelSelector | None = None
+    namespaceSelector: LabelSelector | None = None
+    namespaces: _StringList | None = Field(default=None, max_length=MAX_MAP_ENTRIES)
+    topologyKey: LabelKey
+    matchLabelKeys: _LabelKeys | None = Field(default=None, max_length=MAX_MAP_ENTRIES)
+    mismatchLabelKeys: _LabelKeys | None = Field(default=None, max_length=MAX_MAP_ENTRIES)
+
+
+class WeightedPodAffinityTerm(_Model):
+    weight: int = Field(ge=1, le=100)
+    podAffinityTerm: PodAffinityTerm
+
+
+class PodAffinity(_Model):
+    requiredDuringSchedulingIgnoredDuringExecution: list[PodAffinityTerm] | None = Field(
+        default=None, max_length=MAX_MAP_ENTRIES
+    )
+    preferredDuringSchedulingIgnoredDuringExecution: list[WeightedPodAffinityTerm] | None = Field(
+        default=None, max_length=MAX_MAP_ENTRIES
+    )
+
+
+class Affinity(_Model):
+    """A core/v1 Affinity."""
+
+    nodeAffinity: NodeAffinity | None = None
+    podAffinity: PodAffinity | None = None
+    podAntiAffinity: PodAffinity | None = None
+
+
 class HeadSchedulingSpec(_Model):
     nodeSelector: dict[LabelKey, LabelValue] | None = Field(
         default=None, max_length=MAX_MAP_ENTRIES, description="Node selector of the Ray head pod (default: none)."
     )
-    tolerations: list[dict[str, Any]] | None = Field(
+    tolerations: list[Toleration] | None = Field(
         default=None, max_length=MAX_MAP_ENTRIES, description="Tolerations of the Ray head pod (default: none)."
     )
-    affinity: dict[str, Any] | None = Field(default=None, description="Affinity of the Ray head pod (default: none).")
+    affinity: Affinity | None = Field(default=None, description="Affinity of the Ray head pod (default: none).")
 
 
 class SchedulingSpec(_Model):
@@ -677,12 +808,12 @@ class SchedulingSpec(_Model):
         max_length=MAX_MAP_ENTRIES,
         description="Node selector of the Ray worker pods (the head's is scheduling.head.nodeSelector).",
     )
-    tolerations: list[dict[str, Any]] | None = Field(
+    tolerations: list[Toleration] | None = Field(
         default=None,
         max_length=MAX_MAP_ENTRIES,
         description="Tolerations of the Ray worker pods (the head's are scheduling.head.tolerations).",
     )
-    affinity: dict[str, Any] | None = Field(
+    affinity: Affinity | None = Field(
         default=None, description="Affinity of the Ray worker pods (the head's is scheduling.head.affinity)."
     )
     head: HeadSchedulingSpec = Field(

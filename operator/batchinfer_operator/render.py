@@ -179,9 +179,9 @@ def _pod_template(
     if placement.nodeSelector:
         pod["nodeSelector"] = dict(placement.nodeSelector)
     if placement.tolerations:
-        pod["tolerations"] = list(placement.tolerations)
+        pod["tolerations"] = [t.model_dump(mode="json", exclude_none=True) for t in placement.tolerations]
     if placement.affinity:
-        pod["affinity"] = dict(placement.affinity)
+        pod["affinity"] = placement.affinity.model_dump(mode="json", exclude_none=True)
     if spec.scheduling.priorityClassName:
         pod["priorityClassName"] = spec.scheduling.priorityClassName
     return {"metadata": {"labels": labels}, "spec": pod}
