@@ -599,6 +599,13 @@ class WorkersSpec(_Model):
         return self
 
 
+SHARED_ACCOUNT_MESSAGE = (
+    "cluster.serviceAccountName 'default' is the account of every pod in the namespace: the job's status Role would "
+    "be bound to it, letting any of them patch this BatchInference; name a ServiceAccount of the job's own, or leave "
+    "it unset (the operator makes one)"
+)
+
+
 class ClusterSpec(_Model):
     image: str | None = Field(
         default=None,
@@ -641,11 +648,7 @@ class ClusterSpec(_Model):
     @classmethod
     def _not_the_shared_account(cls, value: str | None) -> str | None:
         if value == "default":
-            raise ValueError(
-                "cluster.serviceAccountName 'default' is the account of every pod in the namespace: the job's "
-                "status Role would be bound to it, letting any of them patch this BatchInference; name a "
-                "ServiceAccount of the job's own, or leave it unset (the operator makes one)"
-            )
+            raise ValueError(SHARED_ACCOUNT_MESSAGE)
         return value
 
     @model_validator(mode="after")

@@ -84,6 +84,7 @@ _NAME_RULE = {
     "rule": f"self.metadata.name.size() <= {s.NAME_MAX}",
     "message": f"metadata.name must have at most {s.NAME_MAX} characters (it becomes a label value)",
 }
+_SHARED_ACCOUNT_RULE = {"rule": "self != 'default'", "message": s.SHARED_ACCOUNT_MESSAGE}
 _MAX_ITEMS = 64
 
 
@@ -150,6 +151,8 @@ def spec_schema() -> dict[str, Any]:
         props[section]["properties"]["uri"]["x-kubernetes-validations"] = list(_URI_RULES)
     props["output"]["properties"]["uri"]["x-kubernetes-validations"].append(_OUTPUT_NOT_HERE_RULE)
     props["model"]["properties"]["weightsUri"]["x-kubernetes-validations"] = list(_URI_RULES)
+    props["input"]["properties"]["allowedPrefixes"]["items"]["x-kubernetes-validations"] = list(_URI_RULES)
+    props["cluster"]["properties"]["serviceAccountName"]["x-kubernetes-validations"] = [_SHARED_ACCOUNT_RULE]
     # Rules across fields a class may default (autoscaling, queueName, replicas) are left to the operator,
     # which checks them on the effective spec: admission sees only the BatchInference's own fields.
     schema["x-kubernetes-validations"] = [_OUTPUT_APART_RULE]
