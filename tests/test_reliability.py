@@ -89,9 +89,17 @@ def test_out_of_memory_halves_the_model_calls_and_loses_no_row(tmp_path: Path) -
     assert all(r["error"] is None and r["label"] for r in rows.values())
 
 
-def test_hung_model_call_fails_only_its_row_after_per_batch_timeout(tmp_path: Path) -> None:
+@pytest.mark.parametrize("decode", ["tasks", "device"])
+def test_hung_model_call_fails_only_its_row_after_per_batch_timeout(tmp_path: Path, decode: str) -> None:
+    """timeouts.perBatchSeconds bounds model calls, whichever stage decodes (decode time has its own limit:
+    input.maxDecodeSeconds)."""
     inputs = write_images(tmp_path / "in", 8, marked=(3,))
-    spec = spec_for(tmp_path, "batchinfer_job.fault_predictors:HangingPredictor", timeouts={"perBatchSeconds": 1.5})
+    spec = spec_for(
+        tmp_path,
+        "batchinfer_job.fault_predictors:HangingPredictor",
+        timeouts={"perBatchSeconds": 1.5},
+        compute={"device": "cpu", "decode": decode},
+    )
     result = run_local(spec, on_progress=None)
     rows = {r["key"]: r for r in read_committed(str(tmp_path / "out")).to_pylist()}
     assert result.failed == 1

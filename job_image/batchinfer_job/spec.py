@@ -508,7 +508,10 @@ class TimeoutsSpec(_Model):
         default=None,
         gt=0,
         le=86400,
-        description="A model call longer than this fails its batch, which is split and retried row by row.",
+        description=(
+            "A model call longer than this fails its batch, which is split and retried row by row (either decode "
+            "mode; decoding has input.maxDecodeSeconds)."
+        ),
     )
     stallSeconds: float | None = Field(
         default=None,
