@@ -679,7 +679,7 @@ class Toleration(_Model):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                {"rule": "!has(self.key) || self.key != '' || self.operator == 'Exists'",
+                {"rule": "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
                  "message": "a toleration without a key needs operator: Exists"},
                 {"rule": "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
                  "message": "a toleration with operator: Exists takes no value"},

@@ -116,6 +116,9 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
             out["minimum"], out["exclusiveMinimum"] = value, True
         elif key == "exclusiveMaximum":
             out["maximum"], out["exclusiveMaximum"] = value, True
+        elif key == "patternProperties":  # a map whose keys have a grammar: no key patterns in a structural
+            (values,) = value.values()  # schema, so the values' schema alone (validate checks the keys)
+            out["additionalProperties"] = _resolve(values, defs)
         elif key == "additionalProperties":
             if value is True or value == {}:
                 out["x-kubernetes-preserve-unknown-fields"] = True
