@@ -167,6 +167,11 @@ class FakeKubeRay:
             "ray.io", "v1", self.namespace, "rayjobs", self.name, {"status": status}
         )
 
+    def admit(self) -> None:
+        """What Kueue does to admit a queued RayJob: unsuspend it (the spec, not the status)."""
+        self.api.patch_namespaced_custom_object("ray.io", "v1", self.namespace, "rayjobs", self.name,
+                                                {"spec": {"suspend": False}})  # fmt: skip
+
     def initializing(self) -> None:
         self._status(
             jobDeploymentStatus="Initializing",

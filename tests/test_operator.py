@@ -156,6 +156,8 @@ def test_an_operator_restart_never_writes_suspended_over_a_job_kueue_admitted(
     spec["scheduling"] = {"queueName": "team-ml"}
     spec["suspend"] = True  # Kueue admits by unsuspending the RayJob; the BatchInference keeps suspend: true
     kuberay = started(api, namespace, spec)
+    eventually(lambda: phase(api, namespace) == "Queued", what="Queued")
+    kuberay.admit()
     kuberay.initializing()  # admitted: KubeRay is making its cluster
     eventually(lambda: phase(api, namespace) == "Pending", what="Pending")
     before = len(k8s.emulator.updates)

@@ -129,3 +129,36 @@ def test_the_pods_reason_shown_while_waiting_is_cleared_once_running_and_kept_if
     )
     assert failed["reason"] == "PreRunningDeadlineExceeded"
     assert failed["message"] == f"{kuberay}; the job was waiting on: waiting to run: pod h: ImagePullBackOff"
+
+
+def queued_rayjob(deployment: str, job: str = "NEW", suspend: bool = True) -> dict:
+    body = rayjob(jobDeploymentStatus=deployment, jobStatus=job, startTime="2026-01-01T00:00:00Z")
+    body["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-ml"}
+    body["spec"] = {"suspend": suspend}
+    return body
+
+
+def test_a_rayjob_kueue_holds_is_queued_and_says_for_which_queue() -> None:
+    """Kueue's webhook creates a queued RayJob suspended; KubeRay then goes New → Initializing → Suspended."""
+    for deployment in ("", "Initializing", "Suspending", "Suspended"):
+        update = status_from_rayjob(queued_rayjob(deployment), {}, "t1", 1)
+        assert update["phase"] == "Queued", (deployment, update)
+        assert update["reason"] == "WaitingForKueue"
+        assert "Kueue" in update["message"] and "'team-ml'" in update["message"]
+        assert "startTime" not in update  # KubeRay's startTime of a held RayJob is not a run
+        assert {c["type"]: c["status"] for c in update["conditions"]}["Running"] == "False"
+    # Admitted: Kueue sets spec.suspend false; KubeRay starts it. The queue's reason and message are cleared.
+    queued = status_from_rayjob(queued_rayjob("Suspended"), {}, "t1", 1)
+    admitted = status_from_rayjob(queued_rayjob("Initializing", suspend=False), queued, "t2", 1)
+    assert admitted["phase"] == "Pending" and admitted["reason"] is None and admitted["message"] is None
+    running = status_from_rayjob(queued_rayjob("Running", "RUNNING", suspend=False), {**queued, **admitted}, "t3", 1)
+    assert running["phase"] == "Running" and running["startTime"] == "2026-01-01T00:00:00Z"
+    # Evicted by Kueue (preempted): suspended again, queued again.
+    evicted = status_from_rayjob(queued_rayjob("Suspending", "RUNNING"), running, "t4", 1)
+    assert evicted["phase"] == "Queued"
+
+
+def test_a_suspended_rayjob_without_a_queue_stays_suspended() -> None:
+    body = queued_rayjob("Suspended")
+    body["metadata"]["labels"] = {}
+    assert status_from_rayjob(body, {}, "t1", 1)["phase"] == "Suspended"

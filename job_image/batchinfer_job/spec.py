@@ -940,7 +940,7 @@ def output_location_problem(input_uri: str, output_uri: str) -> str | None:
     return None
 
 
-Phase = Literal["Pending", "Running", "Retrying", "Succeeded", "Failed", "Suspended"]
+Phase = Literal["Pending", "Queued", "Running", "Retrying", "Succeeded", "Failed", "Suspended"]
 
 
 class Condition(BaseModel):
@@ -971,8 +971,8 @@ class BatchInferenceStatus(BaseModel):
 
     phase: Phase | None = Field(
         default=None,
-        description="Pending, Running, Retrying (an attempt failed; backoffLimit allows another), Succeeded, "
-        "Failed or Suspended.",
+        description="Pending, Queued (waiting for Kueue to admit it), Running, Retrying (an attempt failed; "
+        "backoffLimit allows another), Succeeded, Failed or Suspended.",
     )
     attempt: int | None = Field(
         default=None, ge=1, description="Which attempt of the job runs (or ran last): 1 + failed attempts."

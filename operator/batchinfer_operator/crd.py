@@ -225,6 +225,7 @@ def crd_manifest() -> dict[str, Any]:
         {"name": "Rows/s", "type": "number", "jsonPath": ".status.progress.rowsPerSecond", "priority": 1},
         {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta", "priority": 1},
         {"name": "RayJob", "type": "string", "jsonPath": ".status.rayJobName", "priority": 1},
+        {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     return _crd(

@@ -19,6 +19,8 @@ from batchinfer_operator import naming
 from batchinfer_operator.render import NAME_LABEL
 
 TRANSIENT_STATUSES = {408, 410, 425, 429, 500, 502, 503, 504}
+# Who wrote what, in every object's managedFields (`kubectl get -o yaml --show-managed-fields`).
+FIELD_MANAGER = "batchinfer-operator"
 RETRY_DELAY = float(os.environ.get("BATCHINFER_API_RETRY_SECONDS", "10"))
 
 
@@ -48,13 +50,23 @@ def _api(kind: str) -> tuple[Callable[[str, dict[str, Any]], Any], Callable[[str
     """(create(namespace, body), read(name, namespace)) for a child kind."""
     core, rbac = kubernetes.client.CoreV1Api(), kubernetes.client.RbacAuthorizationV1Api()
     custom = kubernetes.client.CustomObjectsApi()
+    by = {"field_manager": FIELD_MANAGER}
     return {
-        "ConfigMap": (core.create_namespaced_config_map, core.read_namespaced_config_map),
-        "ServiceAccount": (core.create_namespaced_service_account, core.read_namespaced_service_account),
-        "Role": (rbac.create_namespaced_role, rbac.read_namespaced_role),
-        "RoleBinding": (rbac.create_namespaced_role_binding, rbac.read_namespaced_role_binding),
+        "ConfigMap": (
+            lambda ns, body: core.create_namespaced_config_map(ns, body, **by),
+            core.read_namespaced_config_map,
+        ),
+        "ServiceAccount": (
+            lambda ns, body: core.create_namespaced_service_account(ns, body, **by),
+            core.read_namespaced_service_account,
+        ),
+        "Role": (lambda ns, body: rbac.create_namespaced_role(ns, body, **by), rbac.read_namespaced_role),
+        "RoleBinding": (
+            lambda ns, body: rbac.create_namespaced_role_binding(ns, body, **by),
+            rbac.read_namespaced_role_binding,
+        ),
         "RayJob": (
-            lambda ns, body: custom.create_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", body),
+            lambda ns, body: custom.create_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", body, **by),
             lambda name, ns: custom.get_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", name),
         ),
     }[kind]
@@ -122,7 +134,7 @@ def update_batchinference_status(
         try:
             with api_errors(f"patch status of BatchInference {namespace}/{name}"):
                 kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object_status(
-                    s.API_GROUP, s.API_VERSION, namespace, s.PLURAL, name, patch
+                    s.API_GROUP, s.API_VERSION, namespace, s.PLURAL, name, patch, field_manager=FIELD_MANAGER
                 )
             return bi, update
         except kopf.PermanentError as err:
@@ -137,7 +149,7 @@ def update_batchinference_status(
 def patch_rayjob_suspend(namespace: str, name: str, suspend: bool) -> None:
     with api_errors(f"patch suspend of RayJob {namespace}/{name}"):
         kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object(
-            "ray.io", "v1", namespace, "rayjobs", name, {"spec": {"suspend": suspend}}
+            "ray.io", "v1", namespace, "rayjobs", name, {"spec": {"suspend": suspend}}, field_manager=FIELD_MANAGER
         )
 
 

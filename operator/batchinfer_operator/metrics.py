@@ -8,7 +8,7 @@ from prometheus_client import Counter, Gauge, start_http_server
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-PHASES = ("Pending", "Running", "Retrying", "Succeeded", "Failed", "Suspended")
+PHASES = ("Pending", "Queued", "Running", "Retrying", "Succeeded", "Failed", "Suspended")
 
 RECONCILES = Counter("batchinfer_reconciles_total", "Handler invocations.", ["handler"])
 ERRORS = Counter("batchinfer_reconcile_errors_total", "Handler invocations that raised.", ["handler"])

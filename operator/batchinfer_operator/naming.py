@@ -12,6 +12,7 @@ RAYJOB_NAME_MAX = 47
 # must already be what CheckName makes of it.
 SERVICE_ACCOUNT_NAME_MAX = 50
 LABEL_VALUE_MAX = 63
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"  # Kueue's LocalQueue of a job (Kueue manages only labelled jobs)
 _HASH_LEN = 8
 
 

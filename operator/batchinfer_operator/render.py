@@ -21,7 +21,7 @@ SPEC_FILE = "spec.json"
 ENTRYPOINT = f"python -m batchinfer_job.entrypoint --spec {SPEC_DIR}/{SPEC_FILE}"
 MANAGED_BY = "batchinfer-operator"
 NAME_LABEL = "batchinfer.dev/name"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_QUEUE_LABEL = naming.KUEUE_QUEUE_LABEL
 
 
 @dataclass(frozen=True)

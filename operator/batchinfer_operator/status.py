@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from batchinfer_operator import naming
 from batchinfer_operator.pod_problems import WAITING_REASONS
 
 FAILED_DEPLOYMENTS = {"Failed", "ValidationFailed"}
@@ -96,14 +97,37 @@ def conditions_for(
     return out
 
 
+QUEUED_REASON = "WaitingForKueue"
+
+
+def queue_of(rayjob: dict[str, Any]) -> str | None:
+    """The Kueue LocalQueue a RayJob is queued in (its queue-name label), if any."""
+    return ((rayjob.get("metadata") or {}).get("labels") or {}).get(naming.KUEUE_QUEUE_LABEL)
+
+
+def queued_message(queue: str) -> str:
+    return (
+        f"waiting for Kueue to admit it from LocalQueue {queue!r}: Kueue unsuspends the RayJob once that queue's "
+        "ClusterQueue has quota for all of its pods (kubectl get workloads in this namespace says what is missing); "
+        "activeDeadlineSeconds does not count this wait"
+    )
+
+
 def status_from_rayjob(
     rayjob: dict[str, Any], current: dict[str, Any] | None, now: str, generation: int | None
 ) -> dict[str, Any]:
-    """The BatchInference status patch for a RayJob's current state."""
+    """The BatchInference status patch for a RayJob's current state. A suspended RayJob with a Kueue queue label
+    is Queued: Kueue holds it until its ClusterQueue admits it (it suspends it again when it evicts it)."""
     rj_status = rayjob.get("status") or {}
     current = current or {}
     phase = phase_of(rj_status)
-    reason, message = _reason_message(phase, rj_status)
+    queue = queue_of(rayjob)
+    held = phase == "Suspended" or (phase == "Pending" and (rayjob.get("spec") or {}).get("suspend") is True)
+    if queue and held:
+        phase = "Queued"
+        reason, message = QUEUED_REASON, queued_message(queue)
+    else:
+        reason, message = _reason_message(phase, rj_status)
     patch: dict[str, Any] = {
         "phase": phase,
         "rayJobName": rayjob["metadata"]["name"],
@@ -128,8 +152,10 @@ def status_from_rayjob(
         if waited and reason == PRE_RUNNING_DEADLINE:
             message = f"{message}; the job was waiting on: {current.get('message')}"
         patch["reason"], patch["message"] = reason, message
-    elif waited and phase not in WAITING_PHASES:
-        patch["reason"], patch["message"] = None, None  # it runs now: the pod-level reason is over
+    elif phase == "Queued":
+        patch["reason"], patch["message"] = reason, message
+    elif current.get("reason") == QUEUED_REASON or (waited and phase not in WAITING_PHASES):
+        patch["reason"], patch["message"] = None, None  # admitted, or it runs now: the wait is over
     return patch
 
 

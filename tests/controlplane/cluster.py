@@ -1,6 +1,6 @@
 """A real Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager, KubeRay (a process here); and,
-with a node (`node.py`), pods that run, KubeRay as a Deployment (`kuberay.py`) and an S3 API the pods reach
-(`object_store.py`).
+with a node (`node.py`), pods that run, KubeRay and Kueue as Deployments (`kuberay.py`, `kueue.py`) and an S3
+API the pods reach (`object_store.py`).
 
 Built from the Go module proxy by `build.sh` (pinned in `versions.env`), started on random free ports with
 certificates generated per run; logs, certificates and the admin kubeconfig live in one folder
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.controlplane import kuberay, node, object_store, pki
+from tests.controlplane import kuberay, kueue, node, object_store, pki
 from tests.controlplane.processes import (
     LOOPBACK,
     ControlPlaneError,
@@ -77,8 +77,8 @@ class ControlPlane:
 
 def binaries(which: str = "control-plane") -> Path:
     """The folder holding the control plane's four binaries ($KUBEBUILDER_ASSETS when complete) or, for
-    `node`, the node's; built on first use into the per-machine cache (minutes on two cores)."""
-    argv = ["bash", str(HERE / "build.sh"), *(["node"] if which == "node" else [])]
+    `node` and `kueue`, theirs; built on first use into the per-machine cache (minutes on two cores)."""
+    argv = ["bash", str(HERE / "build.sh"), *([which] if which in ("node", "kueue") else [])]
     result = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=False)
     if result.returncode != 0:
         raise ControlPlaneError(f"building the control plane failed (exit {result.returncode}); see the lines above")
@@ -130,6 +130,10 @@ def start(folder: Path, timeout: float = 180, with_node: bool = False) -> Contro
         files, image_config = kuberay.image_content(bin_dir)
         name, tag = kuberay.image_ref().split(":")
         images[kuberay.image_ref()] = node.oci_image(Path(node_bins) / "images", name, tag, files, image_config)
+        kueue_bin = binaries("kueue") / "kueue"
+        files, image_config = kueue.image_content(kueue_bin)
+        name, tag = kueue.image_ref().split(":")
+        images[kueue.image_ref()] = node.oci_image(kueue_bin.parent, name, tag, files, image_config)
         (folder / "node-binaries").write_text(str(node_bins))
         node.network_up(folder)
     try:
@@ -237,6 +241,7 @@ def start(folder: Path, timeout: float = 180, with_node: bool = False) -> Contro
                 kuberay_image = f"{node.IMAGE_PREFIX}/{kuberay.image_ref()}"
                 documents = kuberay.manifests(kuberay.module_config(), kuberay_image)
                 node.deploy(kubeconfig, documents, kuberay.NAMESPACE, kuberay.DEPLOYMENT, timeout)
+                start_kueue(kubeconfig, keys, timeout)
             except BaseException:
                 node.stop(folder, node_pids, kubeconfig)
                 raise
@@ -251,6 +256,27 @@ def start(folder: Path, timeout: float = 180, with_node: bool = False) -> Contro
     plane = ControlPlane(folder, url, kubeconfig, pids, str(bin_dir), node_pids)
     plane.save()
     return plane
+
+
+def start_kueue(kubeconfig: Path, keys: pki.Pki, timeout: float) -> None:
+    """Kueue as its config/default installs it (`kueue.py`), ready once its webhooks answer the API server."""
+    image = f"{node.IMAGE_PREFIX}/{kueue.image_ref()}"
+    documents = kueue.manifests(kueue.kustomized(kueue.module_dir()), image, keys)
+    node.deploy(kubeconfig, documents, kueue.NAMESPACE, kueue.DEPLOYMENT, timeout, server_side=True)
+    from kubernetes import client, config
+    from kubernetes.client.rest import ApiException
+
+    api = client.CustomObjectsApi(config.new_client_from_config(str(kubeconfig)))
+    flavor = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "probe"}}
+    deadline = time.monotonic() + timeout
+    while True:  # a dry-run create passes Kueue's mutating and validating webhooks: they are reached
+        try:
+            api.create_cluster_custom_object("kueue.x-k8s.io", "v1beta2", "resourceflavors", flavor, dry_run="All")
+            return
+        except ApiException as err:
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(f"Kueue's webhooks did not answer in {timeout:.0f} s: {err.body}") from None
+            time.sleep(1)
 
 
 def start_kuberay_process(bin_dir: Path, folder: Path, kubeconfig: Path, timeout: float) -> subprocess.Popen:

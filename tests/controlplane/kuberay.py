@@ -4,15 +4,12 @@ module's own `config/` (its manager Deployment too, with only the image and the 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.controlplane.host import NodeError
+from tests.controlplane import gomod
 
 NAMESPACE = "kuberay-system"
 DEPLOYMENT = "kuberay-operator"
@@ -24,15 +21,11 @@ CONFIG_FILES = (
     "rbac/leader_election_role_binding.yaml",
     "manager/manager.yaml",
 )
-VERSIONS = Path(__file__).resolve().parent / "versions.env"
 
 
 def version() -> str:
     """KUBERAY_VERSION from versions.env (what build.sh built)."""
-    for line in VERSIONS.read_text().splitlines():
-        if line.startswith("KUBERAY_VERSION="):
-            return line.split("=", 1)[1].strip()
-    raise NodeError(f"{VERSIONS} pins no KUBERAY_VERSION")
+    return gomod.pinned("KUBERAY_VERSION")
 
 
 def image_ref() -> str:
@@ -46,18 +39,7 @@ def image_content(bin_dir: Path) -> tuple[dict[str, Path], list[str]]:
 
 def module_config() -> Path:
     """The ray-operator module's `config/` (go mod download: the module cache, fetched if missing)."""
-    module = f"github.com/ray-project/kuberay/ray-operator@{version()}"
-    got = subprocess.run(
-        ["go", "mod", "download", "-json", module],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd="/",
-        env={**os.environ, "GOFLAGS": "-mod=mod"},
-    )
-    if got.returncode != 0:
-        raise NodeError(f"go mod download {module} failed: {got.stderr.strip() or got.stdout.strip()}")
-    return Path(json.loads(got.stdout)["Dir"]) / "config"
+    return gomod.module_dir(f"github.com/ray-project/kuberay/ray-operator@{version()}") / "config"
 
 
 def manifests(config: Path, image: str) -> list[dict[str, Any]]:

@@ -117,15 +117,21 @@ def generate(
 
 
 def issue(
-    pki: Pki, name: str, common: str, organisation: str | None = None, server_ips: tuple[str, ...] = ()
+    pki: Pki,
+    name: str,
+    common: str,
+    organisation: str | None = None,
+    server_ips: tuple[str, ...] = (),
+    dns: tuple[str, ...] = (),
 ) -> tuple[Path, Path]:
-    """Sign `<name>.crt/key` with the run's CA: a server certificate for `server_ips` when given, else a client
-    certificate (CN, O). Returns the certificate's and the key's paths."""
+    """Sign `<name>.crt/key` with the run's CA: a server certificate for `server_ips` and `dns` names when given,
+    else a client certificate (CN, O). Returns the certificate's and the key's paths."""
     ca_key = serialization.load_pem_private_key(pki.path("ca.key").read_bytes(), password=None)
     assert isinstance(ca_key, rsa.RSAPrivateKey)
     ca_name = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes()).subject
     key = _key()
-    cert = _sign(ca_key, ca_name, _name(common, organisation), key, server=bool(server_ips), ips=server_ips, dns=())
+    server = bool(server_ips or dns)
+    cert = _sign(ca_key, ca_name, _name(common, organisation), key, server=server, ips=server_ips, dns=dns)
     pki.path(f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     pki.path(f"{name}.key").write_bytes(_pem_key(key))
     return pki.path(f"{name}.crt"), pki.path(f"{name}.key")

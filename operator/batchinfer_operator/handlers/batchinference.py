@@ -16,7 +16,7 @@ from batchinfer_operator.changes import changed_fields, is_accepted, spec_hash
 from batchinfer_operator.class_choice import resolve_in_cluster
 from batchinfer_operator.render import Owner, render_children
 from batchinfer_operator.settings import OperatorSettings
-from batchinfer_operator.status import is_terminal
+from batchinfer_operator.status import QUEUED_REASON, is_terminal, queued_message
 
 GVR = (s.API_GROUP, s.API_VERSION, s.PLURAL)
 SETTINGS = OperatorSettings.from_env()
@@ -153,6 +153,8 @@ def create_children(
     rayjob = naming.rayjob_name(name)
     if created:
         kopf.info(body, reason="Created", message=f"created {', '.join(created)}")
+        if parsed.scheduling.queueName:
+            kopf.info(body, reason="Queued", message=queued_message(parsed.scheduling.queueName))
     patch.status["rayJobName"] = rayjob
     patch.status["outputUri"] = parsed.output.uri
     if not status.get("acceptedSpecHash"):  # set once: a later (refused) spec must never become the accepted one
@@ -167,7 +169,12 @@ def create_children(
     if not status.get("phase") or (status.get("phase") == "Pending" and not status.get("acceptedSpecHash")):
         # The first phase, once (also after waiting Pending for its class). Later the RayJob's status decides:
         # a resumed operator must not write Suspended over a job Kueue admitted (its spec.suspend stays true).
-        patch.status["phase"] = "Suspended" if parsed.suspend else "Pending"
+        # A queued job starts Queued: Kueue's webhook creates its RayJob suspended, and only Kueue admits it.
+        if parsed.scheduling.queueName:
+            patch.status["phase"] = "Queued"
+            patch.status["reason"], patch.status["message"] = QUEUED_REASON, queued_message(parsed.scheduling.queueName)
+        else:
+            patch.status["phase"] = "Suspended" if parsed.suspend else "Pending"
 
 
 def accepted_spec(body: kopf.Body, status: dict[str, Any]) -> tuple[s.BatchInferenceSpec, str | None]:

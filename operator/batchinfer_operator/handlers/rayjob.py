@@ -17,7 +17,7 @@ from batchinfer_operator.pod_problems import WAITING_REASONS, pod_problem
 from batchinfer_operator.render import MANAGED_BY
 from batchinfer_operator.status import WAITING_PHASES, conditions_for, is_terminal, status_from_rayjob
 
-EVENTFUL_PHASES = ("Running", "Retrying", "Succeeded", "Failed", "Suspended")
+EVENTFUL_PHASES = ("Queued", "Running", "Retrying", "Succeeded", "Failed", "Suspended")
 DEADLINE_REASON = "DeadlineExceeded"
 _COMPARED = ("phase", "rayClusterName", "dashboardURL", "startTime", "completionTime", "reason", "message", "attempt")
 
