@@ -51,9 +51,11 @@ demo: $(STAMP) ## Run the quickstart BatchInference locally and print a summary
 test: $(STAMP) $(HELM) node-packages k8s-binaries k8s-images ## Run the whole test suite (starts its own control plane, node, S3 and Ray; root)
 	PATH=$(abspath $(TOOLS)):$$PATH $(BIN)/pytest -q
 
-k8s-binaries: ## Build the control plane, KubeRay and the node (kubelet, scheduler, proxy, CoreDNS) from Go modules (cached per machine)
+k8s-binaries: ## Build the control plane, KubeRay, the node (kubelet, scheduler, proxy, CoreDNS) and Kueue from Go modules (cached per machine)
 	bash tests/controlplane/build.sh >/dev/null
 	bash tests/controlplane/build.sh node >/dev/null
+	bash tests/controlplane/build.sh kueue >/dev/null
+	bash tests/controlplane/build.sh drop-build-cache
 
 # The node's runtime and image tools from Debian's packages (pinned by the release: bookworm's containerd 1.6.20,
 # runc 1.1.5, buildah 1.28.2 are what was tested here; building them from Go modules adds minutes for nothing).

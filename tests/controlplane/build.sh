@@ -3,17 +3,34 @@
 # per-machine cache outside the checkout (reused by every clone; CI runs in a fresh clone on the same machine).
 # Prints the folder that holds the binaries. Skips all of it when $KUBEBUILDER_ASSETS already holds them.
 # `build.sh node` builds the node's instead (kubelet, kube-scheduler, kube-proxy, CoreDNS, pause) and prints
-# their folder.
+# their folder; `build.sh kueue` builds Kueue's manager and prints its folder; `build.sh drop-build-cache` removes
+# the Go build cache these builds used (make k8s-binaries runs it last).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
 source "$here/versions.env"
 
+cache=${BATCHINFER_K8S_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/batchinfer/k8s}
+# Go's compiled packages for these builds (~6 GB) go to a cache of their own, which `build.sh drop-build-cache` removes
+# once every binary exists (make k8s-binaries does): on a machine whose disk is tight, that is room the node needs.
+export GOCACHE="$cache/go-build"
+if [[ "${1:-}" == drop-build-cache ]]; then rm -rf "$GOCACHE"; exit 0; fi
+
 need=(etcd kube-apiserver kube-controller-manager ray-operator)
 have_all() { local d=$1 b; for b in "${need[@]}"; do [[ -x "$d/$b" ]] || return 1; done; }
 
+if [[ "${1:-}" == kueue ]]; then
+  out="$cache/kueue-$KUEUE_VERSION"
+  if [[ ! -x "$out/kueue" ]]; then
+    echo "kueue build: sigs.k8s.io/kueue $KUEUE_VERSION (minutes when its modules are cold)" >&2
+    mkdir -p "$out.part"
+    CGO_ENABLED=0 GOFLAGS=-mod=mod GOBIN="$out.part" go install -trimpath "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION" >&2
+    mkdir -p "$out" && mv "$out.part/kueue" "$out/kueue" && rmdir "$out.part"
+  fi
+  echo "$out"; exit 0
+fi
+
 if [[ "${1:-}" == node ]]; then
-  cache=${BATCHINFER_K8S_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/batchinfer/k8s}
   out="$cache/node-v1-k8s-${KUBERNETES_VERSION}-coredns-${COREDNS_VERSION}"
   need=(kubelet kube-scheduler kube-proxy coredns pause)
   if have_all "$out"; then echo "$out"; exit 0; fi
@@ -47,7 +64,6 @@ fi
 if [[ -n "${KUBEBUILDER_ASSETS:-}" ]] && have_all "$KUBEBUILDER_ASSETS"; then
   echo "$KUBEBUILDER_ASSETS"; exit 0
 fi
-cache=${BATCHINFER_K8S_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/batchinfer/k8s}
 # -v2: the Kubernetes binaries report their version (Helm checks the chart's kubeVersion against it).
 out="$cache/bin-v2-k8s-${KUBERNETES_VERSION}-etcd-${ETCD_VERSION}-kuberay-${KUBERAY_VERSION}"
 if have_all "$out"; then echo "$out"; exit 0; fi

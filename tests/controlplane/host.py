@@ -185,12 +185,14 @@ def remove_fixed_paths(folder: Path) -> None:
 
 
 def iptables_rules() -> list[str]:
-    """Every table's chains and rules, without counters (`*table :CHAIN` and `*table -A ...`)."""
+    """Every table's own chains and rules, without counters (`*table :CHAIN` and `*table -A ...`). Built-in chains
+    (they have a policy) are not listed: a table appears with them the first time anything uses it, and stays,
+    so on a fresh machine they are not something the node left."""
     rules, table = [], ""
     for line in run("iptables-save", check=False).stdout.splitlines():
         if line.startswith("*"):
             table = line
-        elif line.startswith(":"):
+        elif line.startswith(":") and line.split()[1] == "-":
             rules.append(f"{table} {line.split()[0]}")
         elif line.startswith("-A"):
             rules.append(f"{table} {line}")

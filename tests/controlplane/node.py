@@ -72,6 +72,22 @@ def _kubectl(admin_kubeconfig: Path, *args: str, stdin: str | None = None) -> su
     )
 
 
+# The kubelet evicts pods below 1 GiB free (node_config's evictionHard); the jobs' pods write logs and Ray's spill
+# files in their containers. Below this, pods would be evicted or stall mid-run: refuse to start, saying so.
+MIN_FREE_BYTES = 3 * 2**30
+
+
+def check_free_disk(folder: Path) -> None:
+    """Refuse a node without room to run the jobs once its images are in, naming the disk and what to free."""
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_BYTES:
+        raise NodeError(
+            f"the node needs {MIN_FREE_BYTES / 2**30:.0f} GiB free on the disk of {folder} once its images are"
+            f" imported; {free / 2**30:.1f} GiB is free: free some (pip and Go caches, /var/lib/containers,"
+            " old build/ folders) and run make k8s-up again"
+        )
+
+
 def start(
     folder: Path,
     url: str,
@@ -93,6 +109,7 @@ def start(
         socket = folder / "run" / "containerd.sock"
         wait_ready("containerd", processes["containerd"], folder, socket.exists, timeout)
         import_images(folder, images)
+        check_free_disk(folder)
 
         creds = {}
         for name, common, org in (
@@ -161,9 +178,18 @@ def start(
     return {name: p.pid for name, p in processes.items()}
 
 
-def deploy(admin_kubeconfig: Path, documents: list[dict], namespace: str, deployment: str, timeout: float) -> None:
-    """Apply manifests and wait until their Deployment has rolled out."""
-    applied = _kubectl(admin_kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump_all(documents))
+def deploy(
+    admin_kubeconfig: Path,
+    documents: list[dict],
+    namespace: str,
+    deployment: str,
+    timeout: float,
+    server_side: bool = False,
+) -> None:
+    """Apply manifests (`server_side`: as `kubectl apply --server-side`, for CRDs too large for the annotation
+    client-side apply keeps) and wait until their Deployment has rolled out."""
+    how = ["--server-side"] if server_side else []
+    applied = _kubectl(admin_kubeconfig, "apply", *how, "-f", "-", stdin=yaml.safe_dump_all(documents))
     if applied.returncode != 0:
         raise NodeError(f"the manifests of {deployment} were refused: {applied.stderr.strip()}")
     rollout = _kubectl(

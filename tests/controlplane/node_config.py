@@ -125,8 +125,13 @@ def kubelet_config(folder: Path, keys: pki.Pki, serving: tuple[Path, Path]) -> P
         # The node shares the machine's disk with everything else: a share of it (5%: 12 GB of 252 GB) put the
         # node under DiskPressure and evicted the operator's pod; evict only when the disk is really full.
         "evictionHard": {"memory.available": "200Mi", "nodefs.available": "1Gi", "imagefs.available": "1Gi"},
-        "imageGCHighThresholdPercent": 99,
-        "imageGCLowThresholdPercent": 98,
+        # No image garbage collection (100 turns it off): every image is imported once and there is no registry
+        # to pull it from again, so an image the kubelet deletes is gone for good. The pause image is the worst:
+        # kubelet >= 1.28 leaves it to the runtime to report it pinned, which containerd 1.6 does not (1.7 does),
+        # so on a disk above the threshold it can go, and every later pod stays ContainerCreating (what a CI run
+        # on a 98%-full disk showed, with GC at 99%).
+        "imageGCHighThresholdPercent": 100,
+        "imageGCLowThresholdPercent": 99,
         "rotateCertificates": False,
         "serverTLSBootstrap": False,
         "syncFrequency": "10s",
