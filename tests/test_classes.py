@@ -222,7 +222,7 @@ def test_validate_and_render_with_class_say_what_the_function_says(tmp_path: Pat
     assert result.exit_code == 1 and "--class FILE" in result.output
     result = runner.invoke(app, ["render", str(SAMPLES / "minimal-with-class.yaml"), "--class", str(GPU_CLASS)])
     assert result.exit_code == 0, result.output
-    rayjob = next(d for d in yaml.safe_load_all(result.output) if d["kind"] == "RayJob")
+    rayjob = next(d for d in yaml.safe_load_all(result.stdout) if d["kind"] == "RayJob")
     worker = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
     assert worker["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "ml-batch"

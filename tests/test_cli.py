@@ -97,7 +97,7 @@ def test_validate_reports_missing_sections_and_bad_yaml(tmp_path: Path) -> None:
 def test_crd_command_prints_the_committed_crd() -> None:
     result = runner.invoke(app, ["crd"])
     assert result.exit_code == 0
-    assert result.output == Path("manifests/crds/batchinference.yaml").read_text()
+    assert result.stdout == Path("manifests/crds/batchinference.yaml").read_text()
 
 
 def test_readme_spec_reference_is_generated_from_the_schema() -> None:

@@ -309,7 +309,7 @@ def test_render_with_class_equals_what_the_operator_creates(
         app, ["render", str(bi_file), "--class", str(class_file), "--namespace", cluster_namespace]
     )
     assert result.exit_code == 0, result.output
-    rendered = {d["kind"]: d for d in yaml.safe_load_all(result.output)}
+    rendered = {d["kind"]: d for d in yaml.safe_load_all(result.stdout)}
     (rayjob,) = eventually(lambda: rayjobs(cluster, cluster_namespace), 60, "the RayJob")
     assert mismatch(rayjob["spec"], rendered["RayJob"]["spec"]) is None  # the server adds KubeRay's CRD defaults only
     assert rayjob["metadata"]["labels"] == rendered["RayJob"]["metadata"]["labels"]

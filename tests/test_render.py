@@ -37,7 +37,7 @@ def by_kind(children: list[dict]) -> dict[str, dict]:
 def test_render_output_of_every_sample_passes_the_kuberay_crd(sample: Path) -> None:
     result = CliRunner().invoke(app, ["render", str(sample), "--class", "manifests/samples/classes"])
     assert result.exit_code == 0, result.output
-    docs = list(yaml.safe_load_all(result.output))
+    docs = list(yaml.safe_load_all(result.stdout))
     rayjobs = [d for d in docs if d["kind"] == "RayJob"]
     assert len(rayjobs) == 1
     assert schema_errors(kuberay_validator("rayjobs"), rayjobs[0]) == []
