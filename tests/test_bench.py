@@ -4,6 +4,7 @@ writes the chart, and ends with the line scripts read."""
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -142,3 +143,22 @@ def test_the_inputs_stage_runs_n_and_10n_of_a_kind_and_prints_the_ratios(tmp_pat
     assert ratio, result.output
     rss = [float(r[2].replace(",", "")) for r in rows]
     assert float(ratio.group(1)) == pytest.approx(rss[1] / rss[0], abs=0.02)  # printed RSS is rounded to 1 MiB
+
+
+def test_the_inputs_bench_manifest_names_files_that_exist_from_a_relative_folder(tmp_path: Path, monkeypatch) -> None:
+    """`batchinfer bench` works under build/bench (relative): the manifest's lines must still name the files."""
+    from batchinfer_job.bench.inputs_bench import make_inputs
+
+    monkeypatch.chdir(tmp_path)
+    spec_input = make_inputs("manifest", 3, Path("bench"))
+    lines = Path(str(spec_input["uri"])).read_text().splitlines()
+    assert len(lines) == 3 and all(Path(line).is_absolute() and Path(line).is_file() for line in lines), lines
+
+
+def test_a_bench_run_that_prints_more_than_a_pipe_holds_still_ends(tmp_path: Path) -> None:
+    """The inputs bench waits with wait4 (peak RSS): a run printing 1 MiB must not block on its output."""
+    from batchinfer_job.bench.inputs_bench import run_measured
+
+    command = [sys.executable, "-c", "import sys; sys.stdout.write('x' * 2**20); sys.exit(3)"]
+    code, usage = run_measured(command, tmp_path / "run.log")
+    assert (code, (tmp_path / "run.log").stat().st_size) == (3, 2**20) and usage.ru_maxrss > 0

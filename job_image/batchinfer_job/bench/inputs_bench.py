@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -87,7 +88,8 @@ def make_inputs(kind: str, rows: int, folder: Path) -> dict[str, object]:
         elif kind == "parquet-paths":
             _parquet(where, rows, lambda i: str(images[i % len(images)]), "path", pa.string())
         elif kind == "manifest":  # one manifest naming the files of the folder case of the same size
-            files = Path(str(make_inputs("files", rows, folder)["uri"]))
+            # absolute: a relative line is read beside the manifest, not from here
+            files = Path(str(make_inputs("files", rows, folder)["uri"])).resolve()
             where.mkdir(parents=True)
             (where / "inputs.txt").write_text("".join(f"{files / f'img_{i:07d}.jpg'}\n" for i in range(rows)))
         else:  # hard links in one flat folder: the driver lists it itself (folders would be listed by workers)
@@ -102,6 +104,18 @@ def make_inputs(kind: str, rows: int, folder: Path) -> dict[str, object]:
     if kind == "manifest":
         return {"uri": str(where / "inputs.txt"), "format": "manifest"}
     return {"uri": str(where)}
+
+
+def run_measured(command: list[str], log_path: Path) -> tuple[int, resource.struct_rusage]:
+    """Run `command` to its end, its output to `log_path`; its exit code and resource usage (peak RSS).
+
+    A file, not a pipe: wait4 reads nothing while it waits, so a pipe would fill (64 KiB of progress lines: a
+    200,000-line run) and block the command's logging thread for good."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage
 
 
 def run_case(kind: str, rows: int, folder: Path) -> CaseResult:
@@ -123,11 +137,11 @@ def run_case(kind: str, rows: int, folder: Path) -> CaseResult:
     spec_path = folder / f"{kind}-{rows}.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     command = [sys.executable, "-m", "batchinfer_operator.cli", "run", str(spec_path)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = folder / f"{kind}-{rows}.log"
     started = time.monotonic()
-    _, status, usage = os.wait4(proc.pid, 0)
-    output = proc.stdout.read() if proc.stdout else ""
-    if os.waitstatus_to_exitcode(status) != 0:
+    code, usage = run_measured(command, log_path)
+    if code != 0:
+        output = log_path.read_text(errors="replace")[-20_000:]
         raise RuntimeError(f"{kind} {rows}: batchinfer run failed after {time.monotonic() - started:.0f} s:\n{output}")
     manifest = json.loads((out / "_SUCCESS.json").read_text())
     if manifest["counts"]["total"] != rows:
