@@ -1,6 +1,7 @@
 """The node tier: one `make k8s-up` for the module, as the README runs it (a control plane, a node that runs
 pods, an S3 the pods reach); the chart installed as users install it; the README's cluster demo verbatim, a
-BatchInference running to predictions in pods; then `make k8s-down` leaves nothing behind on the machine.
+BatchInference running to predictions in pods; the README's Kueue steps on Kueue's own controller; then
+`make k8s-down` leaves nothing behind on the machine.
 
 Tests here run in file order on the one node (each leaves it as it found it)."""
 
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import boto3
 import psutil
@@ -25,6 +27,7 @@ import yaml
 
 from tests.chart_render import README_INSTALL
 from tests.controlplane import node, object_store
+from tests.controlplane.node_config import NODE_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDER = REPO / "build" / "k8s"  # the README's folder: its steps `source build/k8s/env`
@@ -238,9 +241,18 @@ def test_make_k8s_up_runs_pods_and_an_s3_both_sides_reach(up: Node) -> None:
     assert pod["spec"]["serviceAccountName"] == "kuberay-operator"
     assert pod["spec"]["containers"][0]["image"] == f"{node.IMAGE_PREFIX}/kuberay-operator:v1.6.1"
     assert all(c["ready"] for c in pod["status"]["containerStatuses"]), pod["status"]
+    # Kueue, from its config/default, the binary built here: ready means its webhooks answered (cluster.py).
+    pod = json.loads(up.k("-n", "kueue-system", "get", "pods", "-o", "json").stdout)["items"][0]
+    assert pod["spec"]["containers"][0]["image"] == f"{node.IMAGE_PREFIX}/kueue:v0.17.0"
+    assert all(c["ready"] for c in pod["status"]["containerStatuses"]), pod["status"]
+    # The kubelet as it runs: no image garbage collection (an imported image deleted is gone: node_config.py).
+    configz = json.loads(up.k("get", "--raw", f"/api/v1/nodes/{NODE_NAME}/proxy/configz").stdout)
+    kubelet = configz["kubeletconfig"]
+    assert (kubelet["imageGCHighThresholdPercent"], kubelet["evictionHard"]["imagefs.available"]) == (100, "1Gi")
     crds = up.k("get", "crd", "-o", "name")
     assert crds.returncode == 0, crds.stderr
     assert "batchinferences.batchinfer.dev" in crds.stdout and "rayjobs.ray.io" in crds.stdout
+    assert "workloads.kueue.x-k8s.io" in crds.stdout and "clusterqueues.kueue.x-k8s.io" in crds.stdout
     env = env_file_values(FOLDER / "env")
     assert env["KUBECONFIG"] == str(FOLDER / "kubeconfig")
     assert env["AWS_ENDPOINT_URL"] == env["BATCHINFER_S3_ENDPOINT_IN_CLUSTER"] == object_store.S3_ENDPOINT
@@ -261,6 +273,15 @@ def test_make_k8s_up_runs_pods_and_an_s3_both_sides_reach(up: Node) -> None:
         time.sleep(1)
     assert phase == "Succeeded" and up.k("logs", pod).stdout == "hello", (phase, up.k("logs", pod))
     up.k("delete", "pod", pod, "--wait=false")
+
+
+def test_a_node_without_room_for_its_jobs_is_refused_naming_the_disk(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(node.shutil, "disk_usage", lambda path: SimpleNamespace(free=node.MIN_FREE_BYTES // 2))
+    said = rf"needs 3 GiB free on the disk of {re.escape(str(tmp_path))} once its images are imported; 1.5 GiB is free"
+    with pytest.raises(node.NodeError, match=said):
+        node.check_free_disk(tmp_path)
+    monkeypatch.undo()
+    node.check_free_disk(tmp_path)  # this machine has room (make k8s-up would refuse otherwise)
 
 
 def test_the_chart_installs_as_the_readme_says_and_waiting_jobs_say_why(up: Node) -> None:
@@ -299,24 +320,27 @@ def test_the_chart_installs_as_the_readme_says_and_waiting_jobs_say_why(up: Node
 DEMO_SCRIPT = REPO / "tests" / "e2e" / "cluster_demo.sh"
 
 
-def demo_commands() -> list[str]:
-    lines = DEMO_SCRIPT.read_text().splitlines()
-    return [line for line in lines[lines.index("set -x") + 1 :] if line.strip()]
+def script_commands(script: Path) -> list[str]:
+    """A script's commands after its `set -x`, each with its spaces normalised."""
+    lines = script.read_text().splitlines()
+    return [" ".join(line.split()) for line in lines[lines.index("set -x") + 1 :] if line.strip()]
 
 
-def readme_demo_block() -> list[str]:
+def readme_block(heading: str, first: str) -> list[str]:
+    """The commands of the first bash block starting with `first` under the README's `heading` (lines joined at
+    a trailing backslash, comments dropped, spaces normalised)."""
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("### A real cluster on one machine") :]
-    block = re.search(r"```bash\n(make k8s-up\b.*?)```", section, re.S)
-    assert block, "the README's cluster section has no bash block starting with make k8s-up"
+    section = readme[readme.index(heading) :]
+    block = re.search(rf"```bash\n({re.escape(first)}\b.*?)```", section, re.S)
+    assert block, f"the README's {heading!r} section has no bash block starting with {first}"
     lines = block[1].replace("\\\n", " ").splitlines()
     return [" ".join(line.split("  #")[0].split()) for line in lines if line.strip()]
 
 
 def test_the_readme_cluster_demo_is_what_make_cluster_demo_runs() -> None:
-    assert readme_demo_block() == [
+    assert readme_block("### A real cluster on one machine", "make k8s-up") == [
         "make k8s-up",
-        *(" ".join(c.split()) for c in demo_commands()),
+        *script_commands(DEMO_SCRIPT),
         "make k8s-down",
     ]
     recipe = re.search(r"^cluster-demo:.*\n((?:\t.*\n)+)", (REPO / "Makefile").read_text(), re.M)
@@ -365,9 +389,8 @@ def test_the_readme_cluster_demo_runs_a_batchinference_to_predictions_in_pods(up
         )
     finally:
         seen = watch.stop()
-    diagnosis = up.k("-n", "demo", "get", "bi,rayjob,raycluster,pods", "-o", "wide").stdout
     logs = up.k("-n", "batchinfer-system", "logs", "deploy/batchinfer", "--tail=40").stdout
-    assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:] + diagnosis + logs
+    assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:] + diagnosis(up, "demo") + logs
     assert re.search(r"local-cluster\s+\S*\s*Succeeded\s+97/97", demo.stdout), demo.stdout[-2000:]
     assert "s3://demo/predictions/: 97 inputs, 96 predicted, 1 error rows" in demo.stdout, demo.stdout[-2000:]
     assert re.search(r"chelsea\s+(tabby|tiger cat|Egyptian cat)", demo.stdout), demo.stdout[-2000:]
@@ -442,6 +465,11 @@ def processed(status: dict) -> int:
     return int(match[1]) if match else 0
 
 
+# The demo's first shard commits a few minutes after the apply here; each wait ends before the test's own timeout, so a
+# stuck job fails with its diagnosis rather than pytest-timeout's thread dump.
+FIRST_SHARD_S = 420
+
+
 def wait_for(up: Node, what: str, check, timeout: float, namespace: str) -> dict:
     """Poll `check(status)` on the only BatchInference of `namespace` until it holds; the status it held on."""
     deadline = time.monotonic() + timeout
@@ -451,8 +479,25 @@ def wait_for(up: Node, what: str, check, timeout: float, namespace: str) -> dict
         if check(status):
             return status
         time.sleep(2)
-    pods = up.k("-n", namespace, "get", "bi,rayjob,raycluster,pods", "-o", "wide").stdout
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last status {status}\n{pods}")
+    seen = diagnosis(up, namespace)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last status {status}\n{seen}")
+
+
+def first_shard(up: Node, namespace: str) -> dict:
+    """Wait until the job of `namespace` committed some of the demo's inputs, not all; that status."""
+    return wait_for(up, "the first committed shard", lambda s: 0 < processed(s) < DEMO_INPUTS, FIRST_SHARD_S, namespace)
+
+
+def diagnosis(up: Node, namespace: str) -> str:
+    """What a stuck job needs looked at: its objects and pods, their last events, the node's conditions and disk."""
+    objects = up.k("-n", namespace, "get", "bi,rayjob,raycluster,workloads,pods", "-o", "wide").stdout
+    said = "\n".join(
+        f"{e.get('lastTimestamp')} {e['type']} {e['reason']} {e['involvedObject']['name']}: {e['message']}"
+        for e in sorted(events(up, namespace), key=lambda e: e.get("lastTimestamp") or "")[-15:]
+    )
+    conditions = up.k("get", "nodes", "-o", "jsonpath={range .items[*].status.conditions[*]}{.type}={.status} {end}")
+    disk = subprocess.run(["df", "-h", "/"], capture_output=True, text=True).stdout
+    return f"{objects}\nlast events:\n{said}\nnode: {conditions.stdout}\n{disk}"
 
 
 def pod_names(up: Node, namespace: str, selector: str) -> list[str]:
@@ -478,6 +523,7 @@ def demo_inputs() -> list[str]:
     return sorted(f"s3://demo/{o['Key']}" for o in s3.list_objects_v2(Bucket="demo", Prefix="images/")["Contents"])
 
 
+@pytest.mark.timeout(FIRST_SHARD_S + 600 + 120)
 def test_a_restricted_namespace_job_survives_losing_its_worker_and_the_operator_pod(up: Node) -> None:
     """Pod Security `restricted` admits every pod of the job; a worker pod killed mid-run (no grace) and the
     operator pod deleted mid-run: the job still finishes with every input exactly once, the Deployment brings
@@ -485,14 +531,14 @@ def test_a_restricted_namespace_job_survives_losing_its_worker_and_the_operator_
     namespace = "restricted-demo"
     job_namespace(up, namespace, {"pod-security.kubernetes.io/enforce": "restricted"})
     assert up.k("apply", "-f", "-", stdin=demo_variant("survivor", namespace)).returncode == 0
-    first = wait_for(up, "the first committed shard", lambda s: 0 < processed(s) < DEMO_INPUTS, 600, namespace)
+    first = first_shard(up, namespace)
     workers = pod_names(up, namespace, "ray.io/node-type=worker")
     operators = pod_names(up, "batchinfer-system", "app.kubernetes.io/name=batchinfer")
     assert len(workers) == 1 and len(operators) == 1, (workers, operators)
     killed = up.k("-n", namespace, "delete", workers[0], "--grace-period=0", "--force")
     assert killed.returncode == 0, killed.stderr
     assert up.k("-n", "batchinfer-system", "delete", operators[0], "--wait=false").returncode == 0
-    done = wait_for(up, "Succeeded", lambda s: s.get("phase") in ("Succeeded", "Failed"), 900, namespace)
+    done = wait_for(up, "Succeeded", lambda s: s.get("phase") in ("Succeeded", "Failed"), 600, namespace)
     assert done["phase"] == "Succeeded", done
     assert processed(done) == DEMO_INPUTS > processed(first), (first, done)
     keys, manifest = committed_keys("survivor")
@@ -508,6 +554,7 @@ def test_a_restricted_namespace_job_survives_losing_its_worker_and_the_operator_
     assert up.k("delete", "namespace", namespace, "--timeout=180s").returncode == 0
 
 
+@pytest.mark.timeout(FIRST_SHARD_S + 720 + 120)
 def test_losing_the_head_reruns_the_job_and_resumes_its_committed_shards(up: Node) -> None:
     """The head pod killed mid-run (backoffLimit 1): KubeRay 1.6.1 recreates the head in the same RayCluster and
     the submitter Job submits the job again (the RayJob never fails, so it is not retried: the phase stays
@@ -515,7 +562,7 @@ def test_losing_the_head_reruns_the_job_and_resumes_its_committed_shards(up: Nod
     namespace = "retry-demo"
     job_namespace(up, namespace)
     assert up.k("apply", "-f", "-", stdin=demo_variant("resumer", namespace, backoffLimit=1)).returncode == 0
-    wait_for(up, "the first committed shard", lambda s: 0 < processed(s) < DEMO_INPUTS, 600, namespace)
+    first_shard(up, namespace)
     (head,) = pod_names(up, namespace, "ray.io/node-type=head")
     assert up.k("-n", namespace, "delete", head, "--grace-period=0", "--force").returncode == 0
     phases = []
@@ -525,7 +572,7 @@ def test_losing_the_head_reruns_the_job_and_resumes_its_committed_shards(up: Nod
             phases.append(status.get("phase"))
         return status.get("phase") in ("Succeeded", "Failed")
 
-    done = wait_for(up, "Succeeded after a rerun", finished, 1200, namespace)
+    done = wait_for(up, "Succeeded after a rerun", finished, 720, namespace)
     assert done["phase"] == "Succeeded", (done, phases)
     keys, manifest = committed_keys("resumer")
     assert sorted(keys) == demo_inputs(), "every input exactly once"
@@ -561,7 +608,7 @@ def test_deleting_a_batchinference_mid_run_removes_every_pod_and_leaves_storage_
     namespace = "dropped-demo"
     job_namespace(up, namespace)
     assert up.k("apply", "-f", "-", stdin=demo_variant("dropped", namespace)).returncode == 0
-    wait_for(up, "the first committed shard", lambda s: 0 < processed(s) < DEMO_INPUTS, 600, namespace)
+    first_shard(up, namespace)
     s3 = s3_client(env_file_values(FOLDER / "env"))
     written = {o["Key"] for o in s3.list_objects_v2(Bucket="demo", Prefix="dropped/").get("Contents", [])}
     assert up.k("-n", namespace, "delete", "bi", "dropped", "--timeout=120s").returncode == 0
@@ -576,6 +623,185 @@ def test_deleting_a_batchinference_mid_run_removes_every_pod_and_leaves_storage_
     after = {o["Key"] for o in s3.list_objects_v2(Bucket="demo", Prefix="dropped/").get("Contents", [])}
     assert written and written <= after, (written, after)  # committed shards are kept for a rerun to resume
     assert up.k("delete", "namespace", namespace, "--timeout=180s").returncode == 0
+
+
+KUEUE_SCRIPT = REPO / "tests" / "e2e" / "kueue_demo.sh"
+KUEUE_NAMESPACE = "kueue-demo"
+
+
+def test_the_readme_kueue_steps_are_what_the_kueue_test_runs() -> None:
+    assert readme_block("### With Kueue", "kubectl create namespace kueue-demo") == script_commands(KUEUE_SCRIPT)
+
+
+class TableWatch:
+    """`kubectl get <what> -o wide` every second: each distinct row of each object, as {column: value}."""
+
+    def __init__(self, node: Node, namespace: str, what: str) -> None:
+        self.node, self.namespace, self.what = node, namespace, what
+        self.rows: dict[str, list[dict[str, str]]] = {}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.done.is_set():
+            self._look()
+            self.done.wait(1)
+
+    def _look(self) -> None:
+        shown = self.node.k("-n", self.namespace, "get", self.what, "-o", "wide").stdout.splitlines()
+        if not shown:
+            return
+        starts = [m.start() for m in re.finditer(r"\S+", shown[0])]
+        names = shown[0].split()
+        for line in shown[1:]:
+            cells = [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
+            row = dict(zip(names, cells, strict=True))
+            seen = self.rows.setdefault(row["NAME"], [])
+            if not seen or {k: v for k, v in seen[-1].items() if k != "AGE"} != {
+                k: v for k, v in row.items() if k != "AGE"
+            }:
+                seen.append(row)
+
+    def stop(self) -> dict[str, list[dict[str, str]]]:
+        """Stop polling, after one last look (what changed since the last poll is seen too)."""
+        self.done.set()
+        self.thread.join()
+        self._look()
+        return self.rows
+
+    def phases(self, name: str) -> list[str]:
+        out: list[str] = []
+        for row in self.rows.get(name, []):
+            if row["PHASE"] and (not out or out[-1] != row["PHASE"]):
+                out.append(row["PHASE"])
+        return out
+
+
+def spec_writers(rayjob: dict) -> dict[str, str]:
+    """Manager → time of its last write, for each managedFields entry that owns something under spec."""
+    return {
+        entry["manager"]: entry["time"]
+        for entry in rayjob["metadata"].get("managedFields", [])
+        if entry.get("subresource") is None and "f:spec" in entry.get("fieldsV1", {})
+    }
+
+
+QUEUED_CLASS = """apiVersion: batchinfer.dev/v1alpha1
+kind: BatchInferenceClass
+metadata:
+  name: queued
+spec:
+  defaults:
+    scheduling: {queueName: batch}
+"""
+
+
+@pytest.mark.timeout(1500)  # two demo jobs one after the other, then a third: about 9 min on this machine
+def test_kueue_admits_queued_batchinferences_one_at_a_time_as_the_readme_says(up: Node) -> None:
+    """Kueue's own controller (make k8s-up) and a ClusterQueue that fits one job: the README's steps verbatim.
+    `catalog` is admitted and runs; `spot-check` waits Queued (naming Kueue and the queue) and runs once `catalog`
+    is done; only Kueue unsuspends the RayJobs. Beside it, a job whose queue comes from its class waits behind
+    both with a 30 s deadline that does not run while it is queued; and Kueue + autoscaling is refused."""
+    assert up.k("apply", "-f", "-", stdin=QUEUED_CLASS).returncode == 0
+    namespace = "kueue-deadline"
+    job_namespace(up, namespace)
+    queue = (
+        "apiVersion: kueue.x-k8s.io/v1beta2\nkind: LocalQueue\nmetadata: {name: batch}\nspec: {clusterQueue: batch}\n"
+    )
+    bis = TableWatch(up, KUEUE_NAMESPACE, "bi")
+    late = TableWatch(up, namespace, "bi")
+    suspends: list[tuple[str, object, dict[str, str]]] = []  # (RayJob, spec.suspend, spec writers) as they change
+    done = threading.Event()
+
+    def watch_rayjobs() -> None:
+        while not done.is_set():
+            got = up.k("-n", KUEUE_NAMESPACE, "get", "rayjobs", "-o", "json", "--show-managed-fields")
+            for rj in json.loads(got.stdout or '{"items": []}')["items"]:
+                seen = (rj["metadata"]["name"], rj["spec"].get("suspend", False), spec_writers(rj))
+                if seen not in suspends:
+                    suspends.append(seen)
+            done.wait(1)
+
+    watcher = threading.Thread(target=watch_rayjobs, daemon=True)
+    watcher.start()
+    try:
+        demo = subprocess.Popen(["bash", str(KUEUE_SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=up.env, cwd=REPO)  # fmt: skip
+        # Queued behind both demo jobs, once they are on the queue: the class gives the queue.
+        deadline = time.monotonic() + 600
+        while not bi_status(up, KUEUE_NAMESPACE, "spot-check").get("phase") and time.monotonic() < deadline:
+            time.sleep(2)
+        assert up.k("-n", namespace, "apply", "-f", "-", stdin=queue).returncode == 0
+        body = yaml.safe_load(demo_variant("late", namespace, className="queued", activeDeadlineSeconds=30))
+        assert up.k("apply", "-f", "-", stdin=yaml.safe_dump(body)).returncode == 0
+        # Kueue refuses autoscaling RayJobs: so does the BatchInference, naming both fields, before any RayJob.
+        scaling = demo_variant("scaling", namespace, scheduling={"queueName": "batch"})
+        scaled = yaml.safe_load(scaling)
+        scaled["spec"]["cluster"].update(enableInTreeAutoscaling=True)
+        scaled["spec"]["cluster"]["workers"].update(maxReplicas=2)
+        assert up.k("apply", "-f", "-", stdin=yaml.safe_dump(scaled)).returncode == 0
+        output, _ = demo.communicate(timeout=1500)
+    finally:
+        done.set()
+        watcher.join()
+        rows = bis.stop()
+    assert demo.returncode == 0, output[-4000:] + diagnosis(up, KUEUE_NAMESPACE)
+    # The README's own output: catalog Running while spot-check is Queued (kubectl get bi -o wide), then both done.
+    assert re.search(r"catalog\s+Running.*\n\s*spot-check\s+Queued\s+.*WaitingForKueue", output), output[-3000:]
+    assert re.search(r"rayjob-catalog-\w+\s+batch\s+batch\s+True", output), output[-3000:]
+    assert re.search(r"spot-check\s+Succeeded\s+16/16", output) and re.search(r"catalog\s+Succeeded\s+97/97", output)
+    # spot-check's whole life as kubectl get bi showed it: queued, admitted (Pending), Running, Succeeded.
+    assert bis.phases("spot-check") == ["Queued", "Pending", "Running", "Succeeded"], rows["spot-check"]
+    assert bis.phases("catalog")[-2:] == ["Running", "Succeeded"], rows["catalog"]
+    status = {name: bi_status(up, KUEUE_NAMESPACE, name) for name in ("catalog", "spot-check")}
+    assert status["spot-check"]["startTime"] >= status["catalog"]["completionTime"], status  # one at a time
+    queued = json.loads(up.k("-n", KUEUE_NAMESPACE, "get", "events", "-o", "json").stdout)["items"]
+    said = [e["message"] for e in queued if e["reason"] == "Queued" and e["involvedObject"]["name"] == "spot-check"]
+    assert said and "Kueue" in said[0] and "LocalQueue 'batch'" in said[0], said
+    # spec.suspend: true while queued (Kueue's webhook), then unsuspended by Kueue: the operator's only write to
+    # a RayJob's spec is its create.
+    for name in ("catalog", "spot-check"):  # catalog is admitted within a second: maybe never seen suspended
+        states = [(suspend, writers) for rj, suspend, writers in suspends if rj == name]
+        assert states[-1][0] is False and (name == "catalog" or states[0][0] is True), states
+        created = json.loads(up.k("-n", KUEUE_NAMESPACE, "get", "rayjob", name, "-o", "json").stdout)["metadata"]
+        assert all(writers.get("batchinfer-operator") == created["creationTimestamp"] for _, writers in states), states
+        unsuspended = next(writers for suspend, writers in states if suspend is False)
+        assert set(unsuspended) == {"batchinfer-operator", "kueue"}, unsuspended
+
+    # The job whose class set the queue: queued behind both for minutes, yet its 30 s deadline did not run out
+    # there; it counts from when the job ran, and so ends it then.
+    try:
+        done_late = wait_for(up, "late to end", lambda s: s.get("phase") in ("Succeeded", "Failed"), 900, namespace)
+    finally:
+        late_rows = late.stop()
+    late_phases = late.phases("late")
+    assert late_phases[:2] == ["Queued", "Pending"] and late_phases[-1] == "Failed", late_rows
+    assert done_late["reason"] == "DeadlineExceeded", done_late
+    assert done_late["completionTime"] >= status["spot-check"]["completionTime"], done_late  # failed once it ran
+    rayjob = json.loads(up.k("-n", namespace, "get", "rayjob", "late", "-o", "json").stdout)
+    assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "batch"
+    workloads = json.loads(up.k("-n", namespace, "get", "workloads", "-o", "json").stdout)["items"]
+    assert [w["status"]["admission"]["clusterQueue"] for w in workloads] == ["batch"], workloads
+    created_at = json.loads(up.k("-n", namespace, "get", "bi", "late", "-o", "json").stdout)["metadata"]
+    waited = seconds_between(created_at["creationTimestamp"], status["spot-check"]["completionTime"])
+    assert waited > 2 * 30, waited  # queued twice as long as its deadline, and not failed for it
+    scaling_status = bi_status(up, namespace, "scaling")
+    assert scaling_status["phase"] == "Failed", scaling_status
+    refusal = "scheduling.queueName and cluster.enableInTreeAutoscaling: true cannot go together"
+    assert refusal in scaling_status["message"] and refusal in (REPO / "README.md").read_text()
+    assert "scaling" not in up.k("-n", namespace, "get", "rayjobs", "-o", "name").stdout
+    for gone in (namespace, KUEUE_NAMESPACE):
+        assert up.k("delete", "namespace", gone, "--timeout=180s").returncode == 0
+    assert up.k("delete", "-f", "manifests/samples/kueue/queues.yaml", "--ignore-not-found").returncode == 0
+    assert up.k("delete", "bic", "queued").returncode == 0
+
+
+def seconds_between(earlier: str, later: str) -> float:
+    def parse(stamp: str) -> float:
+        return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))
+
+    return parse(later) - parse(earlier)
 
 
 def test_make_k8s_down_leaves_nothing(up: Node) -> None:
