@@ -75,15 +75,19 @@ def _utf8_name(uri: str) -> tuple[str, str | None]:
         return shown, "read: the file name is not valid UTF-8; rename the file (UTF-8) to predict it"
 
 
+def _row_keys(uri: str, offset: int, values: list[str | None]) -> list[str]:
+    """Each row's key: its key column's value, else `file#row` (the row's place in the file)."""
+    return [value if value is not None else f"{uri}#{offset + i}" for i, value in enumerate(values)]
+
+
 def _parquet_keys(batch: pa.RecordBatch, spec: InputSpec, uri: str, offset: int) -> tuple[list[str], list[str | None]]:
     """Each row's key and, for a row whose key or path column is null, its error (the key is then `file#row`)."""
-    by_row = [f"{uri}#{offset + i}" for i in range(batch.num_rows)]
     column = spec.keyColumn or spec.pathColumn
     if column is None:
-        return by_row, [None] * batch.num_rows
+        return _row_keys(uri, offset, [None] * batch.num_rows), [None] * batch.num_rows
     field = "input.keyColumn" if spec.keyColumn else "input.pathColumn"
     values = pc.cast(batch.column(column), pa.string()).to_pylist()
-    keys = [value if value is not None else by_row[i] for i, value in enumerate(values)]
+    keys = _row_keys(uri, offset, values)
     errors = [None if value is not None else f"read: {field} {column!r} is null in this row" for value in values]
     return keys, errors
 
@@ -141,10 +145,10 @@ def _expansion_refusal(chunk: pq.ColumnChunkMetaData, column: str, spec: InputSp
 def _refused_rows(parquet: pq.ParquetFile, group: int, spec: InputSpec, uri: str, offset: int, error: str) -> pa.Table:
     """A refused row group as error rows: keys from input.keyColumn (read alone), else `file#row`."""
     rows = parquet.metadata.row_group(group).num_rows
-    keys = [f"{uri}#{offset + i}" for i in range(rows)]
+    values: list[str | None] = [None] * rows
     if spec.keyColumn:
         values = pc.cast(parquet.read_row_group(group, columns=[spec.keyColumn]).column(0), pa.string()).to_pylist()
-        keys = [value if value is not None else key for key, value in zip(keys, values, strict=True)]
+    keys = _row_keys(uri, offset, values)
     body, kind = (pa.nulls(rows, pa.binary()), "bytes") if spec.imageColumn else (pa.nulls(rows, pa.string()), "uri")
     return _table(keys, body, kind, [error] * rows)
 
