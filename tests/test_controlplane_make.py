@@ -733,8 +733,8 @@ def test_kueue_admits_queued_batchinferences_one_at_a_time_as_the_readme_says(up
         while not bi_status(up, KUEUE_NAMESPACE, "spot-check").get("phase") and time.monotonic() < deadline:
             time.sleep(2)
         assert up.k("-n", namespace, "apply", "-f", "-", stdin=queue).returncode == 0
-        body = yaml.safe_load(demo_variant("late", namespace, className="queued", activeDeadlineSeconds=30))
-        assert up.k("apply", "-f", "-", stdin=yaml.safe_dump(body)).returncode == 0
+        late_job = demo_variant("late", namespace, className="queued", activeDeadlineSeconds=30)
+        assert up.k("apply", "-f", "-", stdin=late_job).returncode == 0
         # Kueue refuses autoscaling RayJobs: so does the BatchInference, naming both fields, before any RayJob.
         scaling = demo_variant("scaling", namespace, scheduling={"queueName": "batch"})
         scaled = yaml.safe_load(scaling)
@@ -756,8 +756,11 @@ def test_kueue_admits_queued_batchinferences_one_at_a_time_as_the_readme_says(up
     assert bis.phases("catalog")[-2:] == ["Running", "Succeeded"], rows["catalog"]
     status = {name: bi_status(up, KUEUE_NAMESPACE, name) for name in ("catalog", "spot-check")}
     assert status["spot-check"]["startTime"] >= status["catalog"]["completionTime"], status  # one at a time
-    queued = json.loads(up.k("-n", KUEUE_NAMESPACE, "get", "events", "-o", "json").stdout)["items"]
-    said = [e["message"] for e in queued if e["reason"] == "Queued" and e["involvedObject"]["name"] == "spot-check"]
+    said = [
+        e["message"]
+        for e in events(up, KUEUE_NAMESPACE)
+        if e["reason"] == "Queued" and e["involvedObject"]["name"] == "spot-check"
+    ]
     assert said and "Kueue" in said[0] and "LocalQueue 'batch'" in said[0], said
     # spec.suspend: true while queued (Kueue's webhook), then unsuspended by Kueue: the operator's only write to
     # a RayJob's spec is its create.

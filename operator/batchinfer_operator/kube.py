@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import kopf
@@ -50,26 +51,18 @@ def _api(kind: str) -> tuple[Callable[[str, dict[str, Any]], Any], Callable[[str
     """(create(namespace, body), read(name, namespace)) for a child kind."""
     core, rbac = kubernetes.client.CoreV1Api(), kubernetes.client.RbacAuthorizationV1Api()
     custom = kubernetes.client.CustomObjectsApi()
-    by = {"field_manager": FIELD_MANAGER}
-    return {
-        "ConfigMap": (
-            lambda ns, body: core.create_namespaced_config_map(ns, body, **by),
-            core.read_namespaced_config_map,
-        ),
-        "ServiceAccount": (
-            lambda ns, body: core.create_namespaced_service_account(ns, body, **by),
-            core.read_namespaced_service_account,
-        ),
-        "Role": (lambda ns, body: rbac.create_namespaced_role(ns, body, **by), rbac.read_namespaced_role),
-        "RoleBinding": (
-            lambda ns, body: rbac.create_namespaced_role_binding(ns, body, **by),
-            rbac.read_namespaced_role_binding,
-        ),
+    creates_and_reads = {
+        "ConfigMap": (core.create_namespaced_config_map, core.read_namespaced_config_map),
+        "ServiceAccount": (core.create_namespaced_service_account, core.read_namespaced_service_account),
+        "Role": (rbac.create_namespaced_role, rbac.read_namespaced_role),
+        "RoleBinding": (rbac.create_namespaced_role_binding, rbac.read_namespaced_role_binding),
         "RayJob": (
-            lambda ns, body: custom.create_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", body, **by),
+            lambda ns, body, **kw: custom.create_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", body, **kw),
             lambda name, ns: custom.get_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", name),
         ),
-    }[kind]
+    }
+    create, read = creates_and_reads[kind]
+    return partial(create, field_manager=FIELD_MANAGER), read
 
 
 def _owner_uids(obj: Any) -> set[str]:

@@ -50,6 +50,11 @@ def check_host() -> None:
         raise NodeError("bridge netfilter is off (no /proc/sys/net/bridge): modprobe br_netfilter")
 
 
+def kubectl_binary() -> str:
+    """kubectl on PATH, else the one `make helm` unpacked into build/tools."""
+    return shutil.which("kubectl") or str(Path(__file__).resolve().parents[2] / "build" / "tools" / "kubectl")
+
+
 def write_file(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

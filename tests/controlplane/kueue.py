@@ -17,7 +17,6 @@ Everything else — CRDs, RBAC, the manager's configuration with `ray.io/rayjob`
 from __future__ import annotations
 
 import base64
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import yaml
 
 from tests.controlplane import gomod, pki
-from tests.controlplane.host import NodeError
+from tests.controlplane.host import NodeError, kubectl_binary
 
 NAMESPACE = "kueue-system"
 DEPLOYMENT = "kueue-controller-manager"
@@ -34,7 +33,6 @@ WEBHOOK_SECRET = "kueue-webhook-server-cert"
 CONFIG_MAP = "kueue-manager-config"
 CONFIG_KEY = "controller_manager_config.yaml"
 MANAGER_CPU = "100m"
-REPO = Path(__file__).resolve().parents[2]
 
 
 def version() -> str:
@@ -58,9 +56,8 @@ def module_dir() -> Path:
 
 def kustomized(module: Path) -> list[dict[str, Any]]:
     """`kubectl kustomize config/default` of the module: Kueue's install manifests."""
-    kubectl = shutil.which("kubectl") or str(REPO / "build" / "tools" / "kubectl")
     got = subprocess.run(
-        [kubectl, "kustomize", str(module / "config" / "default")], capture_output=True, text=True, check=False
+        [kubectl_binary(), "kustomize", str(module / "config" / "default")], capture_output=True, text=True, check=False
     )
     if got.returncode != 0:
         raise NodeError(f"kubectl kustomize of Kueue's config/default failed: {got.stderr.strip()}")

@@ -24,6 +24,7 @@ from tests.controlplane.host import (
     NodeError,
     check_host,
     kill_leftover_shims,
+    kubectl_binary,
     leftovers,
     mounts_under,
     network_down,
@@ -66,9 +67,12 @@ __all__ = [
 
 
 def _kubectl(admin_kubeconfig: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    kubectl = shutil.which("kubectl") or str(Path(__file__).resolve().parents[2] / "build" / "tools" / "kubectl")
     return subprocess.run(
-        [kubectl, f"--kubeconfig={admin_kubeconfig}", *args], input=stdin, capture_output=True, text=True, check=False
+        [kubectl_binary(), f"--kubeconfig={admin_kubeconfig}", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
 
